@@ -1,0 +1,25 @@
+"""Perceiver (Jaegle et al., 2021) image classification: model, data, augmentation, training loop.
+
+A library first: `from perceiver import Perceiver` needs no Hydra; `train.py` wires it to configs.
+"""
+
+from perceiver.augment import BatchAugment
+from perceiver.data import ArrayDataset, CifarSource, DataError, ImageFolderSource, SyntheticSource
+from perceiver.engine import TrainSettings, evaluate, fit
+from perceiver.model import Perceiver
+from perceiver.tracking import NullTracker, WandbTracker
+
+__all__ = [
+    "ArrayDataset",
+    "BatchAugment",
+    "CifarSource",
+    "DataError",
+    "ImageFolderSource",
+    "NullTracker",
+    "Perceiver",
+    "SyntheticSource",
+    "TrainSettings",
+    "WandbTracker",
+    "evaluate",
+    "fit",
+]

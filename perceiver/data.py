@@ -1,0 +1,375 @@
+"""Data sets as uint8 image tensors, the seeded validation split, normalisation statistics and loaders.
+
+Every source yields images as uint8 (C, H, W) and int64 labels; conversion to float, normalisation,
+resizing and augmentation happen later, on whole batches on the training device (`augment.py`).
+CIFAR and synthetic data fit in memory and are served as device-resident tensors; an image folder is
+read lazily through a DataLoader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class DataError(RuntimeError):
+    """The data a run asked for is missing or unusable; the message says how to fix it."""
+
+
+class ArrayDataset(Dataset):
+    """Images (N, C, H, W) uint8 and labels (N,) int64 held as two tensors."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.images[index], self.labels[index]
+
+    def subset(self, indices: torch.Tensor) -> ArrayDataset:
+        return ArrayDataset(self.images[indices], self.labels[indices])
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class CifarSource:
+    """CIFAR-10/100 through torchvision's dataset classes, downloaded into `root` when absent."""
+
+    archives = {
+        "cifar10": ("CIFAR10", "cifar-10-batches-py", "cifar-10-python.tar.gz", 10),
+        "cifar100": ("CIFAR100", "cifar-100-python", "cifar-100-python.tar.gz", 100),
+    }
+
+    def __init__(self, name: str = "cifar100", root: str = "~/.cache/perceiver/data", download: bool = True) -> None:
+        if name not in self.archives:
+            raise ValueError(f"data.name={name!r} is invalid: choose one of {', '.join(self.archives)}")
+        self.name = name
+        self.root = Path(os.path.expanduser(str(root)))
+        self.download = download
+        self.num_classes = self.archives[name][3]
+
+    @property
+    def cache_key(self) -> str:
+        return self.name
+
+    def check(self) -> None:
+        """Fail before any work when the data can be neither found nor downloaded."""
+        _, folder, archive, _ = self.archives[self.name]
+        if not self.download and not (self.root / folder).is_dir():
+            raise DataError(self._missing_message(f"{self.root / folder} does not exist and data.download=false"))
+
+    def load(self) -> tuple[ArrayDataset, ArrayDataset]:
+        import torchvision
+
+        dataset_class = getattr(torchvision.datasets, self.archives[self.name][0])
+        try:
+            train = dataset_class(str(self.root), train=True, download=self.download)
+            test = dataset_class(str(self.root), train=False, download=self.download)
+        except Exception as error:  # torchvision raises URLError, RuntimeError, OSError, ...
+            raise DataError(self._missing_message(f"{type(error).__name__}: {error}")) from error
+        return _to_arrays(train.data, train.targets), _to_arrays(test.data, test.targets)
+
+    def _missing_message(self, reason: str) -> str:
+        class_name, folder, archive, _ = self.archives[self.name]
+        return (
+            f"could not load {self.name} from {self.root} ({reason}).\n"
+            f"  Looked for: {self.root / folder}/ (the extracted archive)\n"
+            f"  Fix: download {archive} from https://www.cs.toronto.edu/~kriz/{archive} and place it in "
+            f"{self.root}/ (torchvision extracts it), or extract it there yourself; or point "
+            "data.root (or the PERCEIVER_DATA_ROOT environment variable) at a folder that holds it.\n"
+            "  Offline alternative: data=synthetic (generated on the spot, no files)."
+        )
+
+
+def _to_arrays(images_nhwc: np.ndarray, labels: list[int]) -> ArrayDataset:
+    images = torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2).contiguous()
+    return ArrayDataset(images, torch.as_tensor(labels, dtype=torch.long))
+
+
+class SyntheticSource:
+    """Generated images with a learnable class signal, for tests and smoke runs (no files).
+
+    Each class owns a random smooth colour template; an image is its class template under a random
+    brightness plus pixel noise, so the class is learnable but no single pixel gives it away.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        image_size: int = 32,
+        num_train: int = 2000,
+        num_test: int = 500,
+        noise: float = 0.25,
+        seed: int = 0,
+    ) -> None:
+        for name, value in (("num_classes", num_classes), ("image_size", image_size), ("num_train", num_train), ("num_test", num_test)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"data.{name}={value!r} is invalid: it must be a positive integer")
+        if num_classes < 2:
+            raise ValueError(f"data.num_classes={num_classes} is invalid: a classification task needs >= 2")
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.num_train = num_train
+        self.num_test = num_test
+        self.noise = noise
+        self.seed = seed
+
+    @property
+    def cache_key(self) -> str:
+        return f"synthetic-{self.num_classes}-{self.image_size}-{self.num_train}-{self.num_test}-{self.noise}-{self.seed}"
+
+    def check(self) -> None:
+        return None
+
+    def load(self) -> tuple[ArrayDataset, ArrayDataset]:
+        generator = torch.Generator().manual_seed(self.seed)
+        coarse = torch.rand(self.num_classes, 3, 4, 4, generator=generator)
+        templates = torch.nn.functional.interpolate(coarse, size=self.image_size, mode="bicubic", align_corners=False)
+        train = self._sample(templates, self.num_train, generator)
+        test = self._sample(templates, self.num_test, generator)
+        return train, test
+
+    def _sample(self, templates: torch.Tensor, count: int, generator: torch.Generator) -> ArrayDataset:
+        labels = torch.randint(0, self.num_classes, (count,), generator=generator)
+        images = templates[labels]
+        brightness = 0.75 + 0.5 * torch.rand(count, 1, 1, 1, generator=generator)
+        images = images * brightness + self.noise * torch.randn(images.shape, generator=generator)
+        return ArrayDataset((images.clamp(0, 1) * 255).round().to(torch.uint8), labels)
+
+
+class ImageFolderSource:
+    """A user's folder of class subfolders (`path/<class>/<image>`), read lazily with torchvision.
+
+    Images are decoded and resized to `image_size` x `image_size` in DataLoader workers. Without a
+    `test_path`, a seeded `test_fraction` of the images is held out as the test set.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        image_size: int = 64,
+        test_path: str | None = None,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        self.path = Path(os.path.expanduser(str(path)))
+        self.test_path = Path(os.path.expanduser(str(test_path))) if test_path else None
+        self.image_size = image_size
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.check()
+        self.classes = sorted(d.name for d in self.path.iterdir() if d.is_dir())
+        self.num_classes = len(self.classes)
+
+    @property
+    def cache_key(self) -> str:
+        return f"folder-{hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:12]}-{self.image_size}"
+
+    def check(self) -> None:
+        for field, folder in (("data.path", self.path), ("data.test_path", self.test_path)):
+            if folder is None:
+                continue
+            if not folder.is_dir():
+                raise DataError(f"{field}={str(folder)!r} does not exist or is not a folder; point it at a folder of class subfolders")
+            if not any(d.is_dir() for d in folder.iterdir()):
+                raise DataError(f"{field}={str(folder)!r} has no class subfolders; expected {folder}/<class name>/<image files>")
+
+    def load(self) -> tuple[Dataset, Dataset]:
+        from torchvision import transforms
+        from torchvision.datasets import ImageFolder
+
+        transform = transforms.Compose(
+            [transforms.Resize((self.image_size, self.image_size)), transforms.PILToTensor()]
+        )
+        full = ImageFolder(str(self.path), transform=transform)
+        if self.test_path is not None:
+            test = ImageFolder(str(self.test_path), transform=transform)
+            if test.classes != full.classes:
+                raise DataError(f"data.test_path classes {test.classes} differ from data.path classes {full.classes}")
+            return full, test
+        keep, held_out = split_indices(len(full), self.test_fraction, self.seed)
+        return Subset(full, keep.tolist()), Subset(full, held_out.tolist())
+
+
+# ----------------------------------------------------------------------------- splits and statistics
+
+
+def split_indices(count: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random split of range(count) into (1 - fraction, fraction) parts."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"split fraction {fraction!r} is invalid: it must be in (0, 1)")
+    held = max(1, round(count * fraction))
+    if held >= count:
+        raise DataError(f"cannot hold out {fraction:.0%} of {count} images and keep any for training")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[held:].sort().values, order[:held].sort().values
+
+
+def subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
+    if isinstance(dataset, ArrayDataset):
+        return dataset.subset(indices)
+    return Subset(dataset, indices.tolist())
+
+
+def channel_stats(dataset: Dataset, max_images: int = 50_000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 255] units over (up to max_images of) a data set."""
+    if isinstance(dataset, ArrayDataset):
+        images = dataset.images[:max_images].double()
+        mean = images.mean(dim=(0, 2, 3))
+        std = images.std(dim=(0, 2, 3), unbiased=False)
+        return mean.tolist(), std.tolist()
+    total = total_sq = None
+    pixels = 0
+    loader = DataLoader(dataset, batch_size=256, num_workers=0)
+    seen = 0
+    for images, _ in loader:
+        x = images.double()
+        s, sq = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
+        total = s if total is None else total + s
+        total_sq = sq if total_sq is None else total_sq + sq
+        pixels += x.shape[0] * x.shape[2] * x.shape[3]
+        seen += x.shape[0]
+        if seen >= max_images:
+            break
+    mean = total / pixels
+    std = (total_sq / pixels - mean * mean).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def cached_channel_stats(dataset: Dataset, key: str, cache_dir: Path | None) -> tuple[list[float], list[float]]:
+    """`channel_stats`, stored as JSON under cache_dir so later runs on the same split skip the pass."""
+    if cache_dir is None:
+        return channel_stats(dataset)
+    cache_file = Path(cache_dir) / f"stats-{key}.json"
+    if cache_file.is_file():
+        try:
+            stored = json.loads(cache_file.read_text())
+            return stored["mean"], stored["std"]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache: recompute and overwrite
+    mean, std = channel_stats(dataset)
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_file.with_suffix(f".tmp{os.getpid()}")
+        temporary.write_text(json.dumps({"mean": mean, "std": std}))
+        temporary.replace(cache_file)
+    except OSError:
+        pass  # a read-only data root only costs the recomputation next time
+    return mean, std
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    mean: list[float]
+    std: list[float]
+
+
+def prepare_splits(source, val_fraction: float = 0.1, seed: int = 0, cache_dir: Path | None = None) -> Splits:
+    """Load a source, hold out a seeded validation split of its training set, and compute
+    normalisation statistics on what remains (the example's `Normalization.adapt`)."""
+    source.check()
+    train_full, test = source.load()
+    train_idx, val_idx = split_indices(len(train_full), val_fraction, seed)
+    train = subset(train_full, train_idx)
+    key = f"{source.cache_key}-val{val_fraction}-seed{seed}"
+    mean, std = cached_channel_stats(train, key, cache_dir)
+    return Splits(train, subset(train_full, val_idx), test, source.num_classes, mean, std)
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+class DeviceBatches:
+    """Batches sliced from a device-resident ArrayDataset; no workers, no per-sample Python."""
+
+    def __init__(
+        self,
+        dataset: ArrayDataset,
+        batch_size: int,
+        device: torch.device,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.images = dataset.images.to(device)
+        self.labels = dataset.labels.to(device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        count = len(self.labels)
+        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        count = len(self.labels)
+        order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
+        order = order.to(self.images.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.images[index], self.labels[index]
+
+
+class TransformedDataset(Dataset):
+    """Applies a per-sample transform (e.g. timm RandAugment on PIL images) in DataLoader workers."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Batch:
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    seed: int = 0,
+    num_workers: int = 2,
+    sample_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+):
+    """Device-resident batches for in-memory data; a DataLoader for folders and per-sample transforms."""
+    if isinstance(dataset, ArrayDataset) and sample_transform is None:
+        return DeviceBatches(dataset, batch_size, device, shuffle, drop_last, seed)
+    if sample_transform is not None:
+        dataset = TransformedDataset(dataset, sample_transform)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,338 @@
+"""The Perceiver (Jaegle et al., 2021) for image classification.
+
+Laid out like the keras.io example "Image classification with Perceiver" so that the default
+arguments compute the same function with the same trainable parameters:
+
+    image -> patches -> PatchEncoder -> data array (B, M, D)
+    latents (N, D) -> [CrossAttention(latents, data) -> LatentTransformer] x num_iterations
+    -> mean over latents -> classifier head -> logits
+
+Every axis the paper ablates is a constructor argument; the names follow the example
+(`latent_dim` is the NUMBER of latents N, `projection_dim` their width D).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perceiver.position import POSITION_ENCODINGS, PatchEncoder
+
+WEIGHT_SHARING = ("all", "all_but_first", "none")
+
+
+class FeedForward(nn.Sequential):
+    """Dense(gelu) -> Dense -> Dropout: the example's `create_ffn` with two widths."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, dropout_rate: float) -> None:
+        super().__init__(
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, out_dim),
+            nn.Dropout(dropout_rate),
+        )
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, L, H*d) -> (B, H, L, d)."""
+    b, length, width = x.shape
+    return x.view(b, length, num_heads, width // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, d) -> (B, L, H*d)."""
+    b, h, length, d = x.shape
+    return x.transpose(1, 2).reshape(b, length, h * d)
+
+
+class CrossAttention(nn.Module):
+    """Latents attend to the data array; the example's cross-attention module.
+
+    Both inputs are LayerNorm-ed, and the residuals add the *normalised* tensors (as the example
+    does). Scores are q.k^T times a learned scalar initialised to 1 (Keras `Attention(use_scale=True)`),
+    not divided by sqrt(d). There is no output projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_units: int,
+        dropout_rate: float,
+        attention_dropout_rate: float,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.attention_dropout_rate = attention_dropout_rate
+        self.latent_norm = nn.LayerNorm(dim, eps=eps)
+        self.data_norm = nn.LayerNorm(dim, eps=eps)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.score_scale = nn.Parameter(torch.ones(()))
+        self.ffn_norm = nn.LayerNorm(dim, eps=eps)
+        self.ffn = FeedForward(dim, ffn_units, dim, dropout_rate)
+
+    def forward(self, latents: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+        latents = self.latent_norm(latents)
+        data = self.data_norm(data)
+        batch = data.shape[0]
+        # The learned scale multiplies q: (s q) k^T = s (q k^T), and SDPA then runs with scale=1.
+        q = (self.to_q(latents) * self.score_scale).expand(batch, -1, -1)
+        q, k, v = (split_heads(t, self.num_heads) for t in (q, self.to_k(data), self.to_v(data)))
+        dropout_p = self.attention_dropout_rate if self.training else 0.0
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=1.0)
+        x = self.ffn_norm(merge_heads(attended) + latents)
+        return self.ffn(x) + x
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention like Keras `MultiHeadAttention(num_heads, key_dim)`.
+
+    Each head has its own `key_dim`-wide query/key/value (the example uses key_dim = projection_dim,
+    so 8 heads are 8x wider than the model); the heads are concatenated and projected back to `dim`.
+    Q, K and V come from one fused projection, which holds exactly the three Keras kernels.
+    """
+
+    def __init__(self, dim: int, num_heads: int, key_dim: int, attention_dropout_rate: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.attention_dropout_rate = attention_dropout_rate
+        self.qkv = nn.Linear(dim, 3 * num_heads * key_dim)
+        self.out = nn.Linear(num_heads * key_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        dropout_p = self.attention_dropout_rate if self.training else 0.0
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return self.out(merge_heads(attended))
+
+
+class LatentBlock(nn.Module):
+    """Pre-LayerNorm Transformer block on the latents: x + MHA(LN(x)), then y + FFN(LN(y))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        key_dim: int,
+        ffn_units: int,
+        dropout_rate: float,
+        attention_dropout_rate: float,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(dim, eps=eps)
+        self.attention = SelfAttention(dim, num_heads, key_dim, attention_dropout_rate)
+        self.ffn_norm = nn.LayerNorm(dim, eps=eps)
+        self.ffn = FeedForward(dim, ffn_units, dim, dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+def sharing_plan(weight_sharing: str, num_iterations: int) -> tuple[list[int], list[int]]:
+    """Which cross-attend and which latent Transformer each iteration uses.
+
+    `all`: one of each (the example). `all_but_first`: the first cross-attend has its own weights,
+    later ones share, the latent Transformer is shared (the paper's ImageNet model, Table 7).
+    `none`: every iteration has its own modules.
+    """
+    steps = list(range(num_iterations))
+    if weight_sharing == "all":
+        return [0] * num_iterations, [0] * num_iterations
+    if weight_sharing == "all_but_first":
+        return [min(i, 1) for i in steps], [0] * num_iterations
+    return steps, steps
+
+
+class Perceiver(nn.Module):
+    """Perceiver image classifier; defaults are the Keras example's CIFAR-100 settings."""
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        patch_size: int = 2,
+        in_channels: int = 3,
+        num_classes: int = 100,
+        latent_dim: int = 256,
+        projection_dim: int = 256,
+        num_heads: int = 8,
+        key_dim: int | None = None,
+        cross_attention_heads: int = 1,
+        num_transformer_blocks: int = 4,
+        num_iterations: int = 2,
+        ffn_units: int | None = None,
+        classifier_units: int | None = None,
+        dropout_rate: float = 0.2,
+        attention_dropout_rate: float = 0.1,
+        logit_dropout: bool = True,
+        weight_sharing: str = "all",
+        position_encoding: str = "learned",
+        fourier_num_bands: int = 64,
+        fourier_max_freq: float | None = None,
+        latent_init_std: float = 0.05,
+        layer_norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        key_dim = projection_dim if key_dim is None else key_dim
+        ffn_units = projection_dim if ffn_units is None else ffn_units
+        classifier_units = projection_dim if classifier_units is None else classifier_units
+        check_arguments(
+            image_size=image_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            latent_dim=latent_dim,
+            projection_dim=projection_dim,
+            num_heads=num_heads,
+            key_dim=key_dim,
+            cross_attention_heads=cross_attention_heads,
+            num_transformer_blocks=num_transformer_blocks,
+            num_iterations=num_iterations,
+            ffn_units=ffn_units,
+            classifier_units=classifier_units,
+            dropout_rate=dropout_rate,
+            attention_dropout_rate=attention_dropout_rate,
+            weight_sharing=weight_sharing,
+            position_encoding=position_encoding,
+            fourier_num_bands=fourier_num_bands,
+            fourier_max_freq=fourier_max_freq,
+            latent_init_std=latent_init_std,
+        )
+        self.num_classes = num_classes
+        self.latent_init_std = latent_init_std
+        self.encoder = PatchEncoder(
+            image_size,
+            patch_size,
+            in_channels,
+            projection_dim,
+            position_encoding,
+            fourier_num_bands,
+            fourier_max_freq,
+        )
+        self.latents = nn.Parameter(torch.empty(latent_dim, projection_dim))
+        self.cross_index, self.latent_index = sharing_plan(weight_sharing, num_iterations)
+        self.cross_attends = nn.ModuleList(
+            CrossAttention(
+                projection_dim,
+                cross_attention_heads,
+                ffn_units,
+                dropout_rate,
+                attention_dropout_rate,
+                layer_norm_eps,
+            )
+            for _ in range(max(self.cross_index) + 1)
+        )
+        self.latent_transformers = nn.ModuleList(
+            nn.Sequential(
+                *(
+                    LatentBlock(
+                        projection_dim,
+                        num_heads,
+                        key_dim,
+                        ffn_units,
+                        dropout_rate,
+                        attention_dropout_rate,
+                        layer_norm_eps,
+                    )
+                    for _ in range(num_transformer_blocks)
+                )
+            )
+            for _ in range(max(self.latent_index) + 1)
+        )
+        # The example ends in Dropout *after* the logits (its `create_ffn` always appends one);
+        # `logit_dropout=False` removes it.
+        self.head = FeedForward(
+            projection_dim, classifier_units, num_classes, dropout_rate if logit_dropout else 0.0
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Keras initialisers: Glorot-uniform kernels, zero biases, U(-0.05, 0.05) embeddings,
+        N(0, latent_init_std) latents (Keras `random_normal` has std 0.05)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.uniform_(module.weight, -0.05, 0.05)
+        nn.init.normal_(self.latents, std=self.latent_init_std)
+
+    @property
+    def num_latents(self) -> int:
+        return self.latents.shape[0]
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised images -> (B, N, D) final latents."""
+        data = self.encoder(images)
+        latents = self.latents.unsqueeze(0)
+        for cross, latent in zip(self.cross_index, self.latent_index, strict=True):
+            latents = self.cross_attends[cross](latents, data)
+            latents = self.latent_transformers[latent](latents)
+        return latents
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(images).mean(dim=1))
+
+
+def check_arguments(**args: object) -> None:
+    """Reject impossible settings with a message naming the argument, its value and what is valid."""
+    positive = (
+        "image_size",
+        "patch_size",
+        "in_channels",
+        "num_classes",
+        "latent_dim",
+        "projection_dim",
+        "num_heads",
+        "key_dim",
+        "cross_attention_heads",
+        "num_transformer_blocks",
+        "num_iterations",
+        "ffn_units",
+        "classifier_units",
+        "fourier_num_bands",
+    )
+    for name in positive:
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r} is invalid: it must be a positive integer")
+    for name in ("dropout_rate", "attention_dropout_rate"):
+        value = args[name]
+        if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{name}={value!r} is invalid: it must be a number in [0, 1)")
+    image_size, patch_size = args["image_size"], args["patch_size"]
+    if image_size % patch_size:
+        divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
+        raise ValueError(
+            f"image_size={image_size} is not divisible by patch_size={patch_size}: "
+            f"patches must tile the image; valid patch sizes for {image_size} are {divisors}"
+        )
+    heads, width = args["cross_attention_heads"], args["projection_dim"]
+    if width % heads:
+        raise ValueError(
+            f"cross_attention_heads={heads} does not divide projection_dim={width}: the cross-attention "
+            f"splits projection_dim across its heads; choose a divisor of {width}"
+        )
+    _check_choice("weight_sharing", args["weight_sharing"], WEIGHT_SHARING)
+    _check_choice("position_encoding", args["position_encoding"], POSITION_ENCODINGS)
+    max_freq = args["fourier_max_freq"]
+    if max_freq is not None and (not isinstance(max_freq, int | float) or max_freq < 2):
+        raise ValueError(
+            f"fourier_max_freq={max_freq!r} is invalid: it must be a number >= 2 "
+            "(or null for the patch grid's Nyquist frequency)"
+        )
+    std = args["latent_init_std"]
+    if not isinstance(std, int | float) or std <= 0:
+        raise ValueError(f"latent_init_std={std!r} is invalid: it must be a positive number")
+
+
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is invalid: choose one of {', '.join(choices)}")

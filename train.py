@@ -1,0 +1,195 @@
+"""Train and test one Perceiver: `python train.py [group=option ...] [field=value ...]`.
+
+The only place that reads the config: it builds every part with `hydra.utils.instantiate`, hands them
+to `perceiver.engine.fit`, evaluates the best weights on the test set once, and writes
+`metrics.json`, `config.yaml` and the checkpoints into the Hydra run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from perceiver.data import DataError, make_loader, prepare_splits
+from perceiver.engine import TrainSettings, configure_determinism, evaluate, fit, resolve_device
+
+log = logging.getLogger("train")
+
+
+class ConfigError(Exception):
+    """A bad setting or missing data: reported as one message, without a traceback."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build(group: str, node: DictConfig, **kwargs: Any) -> Any:
+    """`instantiate` whose errors name the config group and say what was wrong."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ValueError | TypeError | DataError):
+            message = str(cause)
+            if isinstance(cause, ValueError) and not message.startswith(f"{group}."):
+                message = f"{group}.{message}"
+            raise ConfigError(message) from error
+        raise
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{group}: {error}") from error
+
+
+def check_num_classes(configured: int | None, actual: int) -> int:
+    if configured is None:
+        return actual
+    if configured != actual:
+        raise ConfigError(
+            f"model.num_classes={configured} disagrees with the data set, which has {actual} classes; "
+            f"drop the override or set model.num_classes={actual}"
+        )
+    return configured
+
+
+@dataclass
+class Parts:
+    settings: TrainSettings
+    source: Any
+    model: torch.nn.Module
+    augment: Any
+    num_classes: int
+
+
+def build_parts(cfg: DictConfig) -> Parts:
+    """Everything cheap, in the order that fails fastest: settings, data source checks, model."""
+    try:
+        settings = TrainSettings(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from error
+    source = build("data.source", cfg.data.source)
+    try:
+        source.check()
+    except DataError as error:
+        raise ConfigError(str(error)) from error
+    num_classes = check_num_classes(cfg.model.get("num_classes"), source.num_classes)
+    model = build("model", cfg.model, num_classes=num_classes)
+    augment = build("augmentation", cfg.augmentation, num_classes=num_classes)
+    return Parts(settings, source, model, augment, num_classes)
+
+
+def run_directory(cfg: DictConfig) -> Path:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    path = Path(cfg.paths.output_dir) / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def job_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
+    """Build, fit, test; returns what it writes to metrics.json."""
+    run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
+    seed_everything(cfg.seed)
+    parts = build_parts(cfg)
+    settings = parts.settings
+    configure_determinism(settings.deterministic)
+    device = resolve_device(settings.device)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    num_parameters = sum(p.numel() for p in parts.model.parameters() if p.requires_grad)
+    log.info("model: %s trainable parameters; device %s; run dir %s", f"{num_parameters:,}", device, run_dir)
+
+    try:
+        splits = prepare_splits(parts.source, cfg.data.val_fraction, cfg.seed, Path(cfg.paths.data_root).expanduser() / ".cache")
+    except (DataError, ValueError) as error:
+        raise ConfigError(str(error)) from error
+    log.info(
+        "data: %d train / %d val / %d test images, %d classes",
+        len(splits.train), len(splits.val), len(splits.test), splits.num_classes,
+    )
+    model = parts.model.to(device)
+    augment = parts.augment.to(device)
+    augment.set_statistics(splits.mean, splits.std)
+    train_loader = make_loader(
+        splits.train, settings.batch_size, device, shuffle=True, drop_last=augment.mixes_batches,
+        seed=cfg.seed, num_workers=settings.num_workers, sample_transform=augment.sample_transform(),
+    )
+    val_loader = make_loader(splits.val, settings.batch_size, device, num_workers=settings.num_workers)
+    test_loader = make_loader(splits.test, settings.batch_size, device, num_workers=settings.num_workers)
+    optimizer = build("optimizer", cfg.optimizer)(model)
+    scheduler = build("scheduler", cfg.scheduler)(optimizer)
+
+    wandb_config = {**resolved, "num_parameters": num_parameters, "overrides": job_overrides()}
+    tracker = build("logger", cfg.logger)(config=wandb_config, run_dir=run_dir)
+    exit_code = 1
+    try:
+        result = fit(
+            model, augment, train_loader, val_loader, optimizer, scheduler, settings, run_dir,
+            splits.num_classes, tracker=tracker, config=resolved,
+        )
+        test = evaluate(model, augment, test_loader, device, settings.precision, splits.num_classes)
+        metrics = {
+            "test": test,
+            "best_epoch": result.best_epoch,
+            "best_val": result.best_val,
+            "epochs_run": result.epochs_run,
+            "stopped_early": result.stopped_early,
+            "images_per_second": result.images_per_second,
+            "train_seconds": result.train_seconds,
+            "num_parameters": num_parameters,
+            "device": str(device),
+            "wandb_run_id": tracker.run_id,
+            "overrides": job_overrides(),
+            "settings": resolved,
+            "history": result.history,
+        }
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        tracker.summarize(
+            {f"test/{k}": v for k, v in test.items()}
+            | {"best_epoch": result.best_epoch, "images_per_second": result.images_per_second}
+        )
+        if settings.save_checkpoints:
+            tracker.log_artifact(run_dir / "best.pt", name=f"model-{tracker.run_id}")
+        log.info(
+            "test: top1 %.4f top5 %.4f loss %.4f (best epoch %d) -> %s",
+            test["top1"], test["top5"], test["loss"], result.best_epoch, run_dir / "metrics.json",
+        )
+        exit_code = 0
+        return metrics
+    finally:
+        tracker.finish(exit_code=exit_code)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Returns the test top-1, so Hydra sweepers can optimise it."""
+    try:
+        return train(cfg)["test"]["top1"]
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
