@@ -121,19 +121,30 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     log.info("model: %s trainable parameters; device %s; run dir %s", f"{num_parameters:,}", device, run_dir)
 
     try:
-        splits = prepare_splits(parts.source, cfg.data.val_fraction, cfg.seed, Path(cfg.paths.data_root).expanduser() / ".cache")
+        splits = prepare_splits(
+            parts.source, cfg.data.val_fraction, cfg.seed, Path(cfg.paths.data_root).expanduser() / ".cache"
+        )
     except (DataError, ValueError) as error:
         raise ConfigError(str(error)) from error
     log.info(
         "data: %d train / %d val / %d test images, %d classes",
-        len(splits.train), len(splits.val), len(splits.test), splits.num_classes,
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
+        splits.num_classes,
     )
     model = parts.model.to(device)
     augment = parts.augment.to(device)
     augment.set_statistics(splits.mean, splits.std)
     train_loader = make_loader(
-        splits.train, settings.batch_size, device, shuffle=True, drop_last=augment.mixes_batches,
-        seed=cfg.seed, num_workers=settings.num_workers, sample_transform=augment.sample_transform(),
+        splits.train,
+        settings.batch_size,
+        device,
+        shuffle=True,
+        drop_last=augment.mixes_batches,
+        seed=cfg.seed,
+        num_workers=settings.num_workers,
+        sample_transform=augment.sample_transform(),
     )
     val_loader = make_loader(splits.val, settings.batch_size, device, num_workers=settings.num_workers)
     test_loader = make_loader(splits.test, settings.batch_size, device, num_workers=settings.num_workers)
@@ -145,8 +156,17 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     exit_code = 1
     try:
         result = fit(
-            model, augment, train_loader, val_loader, optimizer, scheduler, settings, run_dir,
-            splits.num_classes, tracker=tracker, config=resolved,
+            model,
+            augment,
+            train_loader,
+            val_loader,
+            optimizer,
+            scheduler,
+            settings,
+            run_dir,
+            splits.num_classes,
+            tracker=tracker,
+            config=resolved,
         )
         test = evaluate(model, augment, test_loader, device, settings.precision, splits.num_classes)
         metrics = {
@@ -173,7 +193,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             tracker.log_artifact(run_dir / "best.pt", name=f"model-{tracker.run_id}")
         log.info(
             "test: top1 %.4f top5 %.4f loss %.4f (best epoch %d) -> %s",
-            test["top1"], test["top5"], test["loss"], result.best_epoch, run_dir / "metrics.json",
+            test["top1"],
+            test["top5"],
+            test["loss"],
+            result.best_epoch,
+            run_dir / "metrics.json",
         )
         exit_code = 0
         return metrics

@@ -94,7 +94,9 @@ class BatchAugment(nn.Module):
     def set_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
         channels = len(mean)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.mean.device).view(1, channels, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.std.device).view(1, channels, 1, 1).clamp_min(1e-3)
+        self.std = (
+            torch.tensor(std, dtype=torch.float32, device=self.std.device).view(1, channels, 1, 1).clamp_min(1e-3)
+        )
 
     def sample_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Per-image transform for DataLoader workers (timm RandAugment), or None."""

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ class ArrayDataset(Dataset):
 class CifarSource:
     """CIFAR-10/100 through torchvision's dataset classes, downloaded into `root` when absent."""
 
-    archives = {
+    archives: ClassVar[dict[str, tuple[str, str, str, int]]] = {
         "cifar10": ("CIFAR10", "cifar-10-batches-py", "cifar-10-python.tar.gz", 10),
         "cifar100": ("CIFAR100", "cifar-100-python", "cifar-100-python.tar.gz", 100),
     }
@@ -72,7 +73,7 @@ class CifarSource:
 
     def check(self) -> None:
         """Fail before any work when the data can be neither found nor downloaded."""
-        _, folder, archive, _ = self.archives[self.name]
+        folder = self.archives[self.name][1]
         if not self.download and not (self.root / folder).is_dir():
             raise DataError(self._missing_message(f"{self.root / folder} does not exist and data.download=false"))
 
@@ -88,7 +89,7 @@ class CifarSource:
         return _to_arrays(train.data, train.targets), _to_arrays(test.data, test.targets)
 
     def _missing_message(self, reason: str) -> str:
-        class_name, folder, archive, _ = self.archives[self.name]
+        _, folder, archive, _ = self.archives[self.name]
         return (
             f"could not load {self.name} from {self.root} ({reason}).\n"
             f"  Looked for: {self.root / folder}/ (the extracted archive)\n"
@@ -120,7 +121,12 @@ class SyntheticSource:
         noise: float = 0.25,
         seed: int = 0,
     ) -> None:
-        for name, value in (("num_classes", num_classes), ("image_size", image_size), ("num_train", num_train), ("num_test", num_test)):
+        for name, value in (
+            ("num_classes", num_classes),
+            ("image_size", image_size),
+            ("num_train", num_train),
+            ("num_test", num_test),
+        ):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"data.{name}={value!r} is invalid: it must be a positive integer")
         if num_classes < 2:
@@ -134,7 +140,9 @@ class SyntheticSource:
 
     @property
     def cache_key(self) -> str:
-        return f"synthetic-{self.num_classes}-{self.image_size}-{self.num_train}-{self.num_test}-{self.noise}-{self.seed}"
+        return (
+            f"synthetic-{self.num_classes}-{self.image_size}-{self.num_train}-{self.num_test}-{self.noise}-{self.seed}"
+        )
 
     def check(self) -> None:
         return None
@@ -188,9 +196,14 @@ class ImageFolderSource:
             if folder is None:
                 continue
             if not folder.is_dir():
-                raise DataError(f"{field}={str(folder)!r} does not exist or is not a folder; point it at a folder of class subfolders")
+                raise DataError(
+                    f"{field}={str(folder)!r} does not exist or is not a folder; "
+                    "point it at a folder of class subfolders"
+                )
             if not any(d.is_dir() for d in folder.iterdir()):
-                raise DataError(f"{field}={str(folder)!r} has no class subfolders; expected {folder}/<class name>/<image files>")
+                raise DataError(
+                    f"{field}={str(folder)!r} has no class subfolders; expected {folder}/<class name>/<image files>"
+                )
 
     def load(self) -> tuple[Dataset, Dataset]:
         from torchvision import transforms

@@ -57,7 +57,8 @@ class TrainSettings:
         patience = self.early_stopping_patience
         if patience is not None and (not isinstance(patience, int) or patience <= 0):
             raise ValueError(
-                f"trainer.early_stopping_patience={patience!r} is invalid: a positive integer, or null to never stop early"
+                f"trainer.early_stopping_patience={patience!r} is invalid: "
+                "a positive integer, or null to never stop early"
             )
         if self.precision not in PRECISIONS:
             raise ValueError(f"trainer.precision={self.precision!r} is invalid: choose one of {', '.join(PRECISIONS)}")
@@ -114,8 +115,12 @@ class RunningMetrics:
         top = logits.topk(self.top_k, dim=-1).indices
         hits = top == labels[:, None]
         self.sums += torch.stack(
-            [loss.detach().double() * n, hits[:, 0].sum().double(), hits.any(dim=-1).sum().double(),
-             torch.tensor(n, device=self.sums.device, dtype=torch.float64)]
+            [
+                loss.detach().double() * n,
+                hits[:, 0].sum().double(),
+                hits.any(dim=-1).sum().double(),
+                torch.tensor(n, device=self.sums.device, dtype=torch.float64),
+            ]
         )
 
     def compute(self) -> dict[str, float]:
@@ -275,7 +280,14 @@ def fit(
         lr = optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         train, seen = train_one_epoch(
-            step_model, augment, train_loader, optimizer, scaler, settings, device, num_classes,
+            step_model,
+            augment,
+            train_loader,
+            optimizer,
+            scaler,
+            settings,
+            device,
+            num_classes,
             f"epoch {epoch}/{settings.epochs}",
         )
         elapsed = time.perf_counter() - started  # `train` was read from the device: the epoch is done
@@ -295,8 +307,15 @@ def fit(
         tracker.log(row, step=epoch)
         log.info(
             "epoch %3d  train loss %.4f top1 %.4f  val loss %.4f top1 %.4f top5 %.4f  lr %.2e  %.0f img/s%s",
-            epoch, train["loss"], train["top1"], val["loss"], val["top1"], val["top5"], lr,
-            seen / elapsed, "  (best)" if improved else "",
+            epoch,
+            train["loss"],
+            train["top1"],
+            val["loss"],
+            val["top1"],
+            val["top5"],
+            lr,
+            seen / elapsed,
+            "  (best)" if improved else "",
         )
         if improved:
             best_state = copy.deepcopy(model.state_dict())

@@ -248,9 +248,7 @@ class Perceiver(nn.Module):
         )
         # The example ends in Dropout *after* the logits (its `create_ffn` always appends one);
         # `logit_dropout=False` removes it.
-        self.head = FeedForward(
-            projection_dim, classifier_units, num_classes, dropout_rate if logit_dropout else 0.0
-        )
+        self.head = FeedForward(projection_dim, classifier_units, num_classes, dropout_rate if logit_dropout else 0.0)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
