@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from perceiver.data import DataError, make_loader, prepare_splits
 from perceiver.engine import TrainSettings, configure_determinism, evaluate, fit, resolve_device
+from perceiver.tracking import resolve_mode
 
 log = logging.getLogger("train")
 
@@ -71,16 +72,21 @@ def check_num_classes(configured: int | None, actual: int) -> int:
 @dataclass
 class Parts:
     settings: TrainSettings
+    device: torch.device
     source: Any
     model: torch.nn.Module
     augment: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
     num_classes: int
 
 
 def build_parts(cfg: DictConfig) -> Parts:
-    """Everything cheap, in the order that fails fastest: settings, data source checks, model."""
+    """Everything cheap, in the order that fails fastest, so a bad setting costs seconds, not a data download."""
     try:
         settings = TrainSettings(**OmegaConf.to_container(cfg.trainer, resolve=True))
+        device = resolve_device(settings.device)
+        resolve_mode(cfg.logger.get("mode", "disabled"))
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from error
     source = build("data.source", cfg.data.source)
@@ -89,9 +95,11 @@ def build_parts(cfg: DictConfig) -> Parts:
     except DataError as error:
         raise ConfigError(str(error)) from error
     num_classes = check_num_classes(cfg.model.get("num_classes"), source.num_classes)
-    model = build("model", cfg.model, num_classes=num_classes)
-    augment = build("augmentation", cfg.augmentation, num_classes=num_classes)
-    return Parts(settings, source, model, augment, num_classes)
+    model = build("model", cfg.model, num_classes=num_classes).to(device)
+    augment = build("augmentation", cfg.augmentation, num_classes=num_classes).to(device)
+    optimizer = build("optimizer", cfg.optimizer)(model)
+    scheduler = build("scheduler", cfg.scheduler)(optimizer)
+    return Parts(settings, device, source, model, augment, optimizer, scheduler, num_classes)
 
 
 def run_directory(cfg: DictConfig) -> Path:
@@ -111,13 +119,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
     seed_everything(cfg.seed)
     parts = build_parts(cfg)
-    settings = parts.settings
+    settings, device, model, augment = parts.settings, parts.device, parts.model, parts.augment
     configure_determinism(settings.deterministic)
-    device = resolve_device(settings.device)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    num_parameters = sum(p.numel() for p in parts.model.parameters() if p.requires_grad)
+    num_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model: %s trainable parameters; device %s; run dir %s", f"{num_parameters:,}", device, run_dir)
 
     try:
@@ -133,8 +140,6 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         len(splits.test),
         splits.num_classes,
     )
-    model = parts.model.to(device)
-    augment = parts.augment.to(device)
     augment.set_statistics(splits.mean, splits.std)
     train_loader = make_loader(
         splits.train,
@@ -148,8 +153,6 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     )
     val_loader = make_loader(splits.val, settings.batch_size, device, num_workers=settings.num_workers)
     test_loader = make_loader(splits.test, settings.batch_size, device, num_workers=settings.num_workers)
-    optimizer = build("optimizer", cfg.optimizer)(model)
-    scheduler = build("scheduler", cfg.scheduler)(optimizer)
 
     wandb_config = {**resolved, "num_parameters": num_parameters, "overrides": job_overrides()}
     tracker = build("logger", cfg.logger)(config=wandb_config, run_dir=run_dir)
@@ -160,8 +163,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             augment,
             train_loader,
             val_loader,
-            optimizer,
-            scheduler,
+            parts.optimizer,
+            parts.scheduler,
             settings,
             run_dir,
             splits.num_classes,

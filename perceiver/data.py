@@ -61,7 +61,7 @@ class CifarSource:
 
     def __init__(self, name: str = "cifar100", root: str = "~/.cache/perceiver/data", download: bool = True) -> None:
         if name not in self.archives:
-            raise ValueError(f"data.name={name!r} is invalid: choose one of {', '.join(self.archives)}")
+            raise ValueError(f"name={name!r} is invalid: choose one of {', '.join(self.archives)}")
         self.name = name
         self.root = Path(os.path.expanduser(str(root)))
         self.download = download
@@ -128,9 +128,9 @@ class SyntheticSource:
             ("num_test", num_test),
         ):
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"data.{name}={value!r} is invalid: it must be a positive integer")
+                raise ValueError(f"{name}={value!r} is invalid: it must be a positive integer")
         if num_classes < 2:
-            raise ValueError(f"data.num_classes={num_classes} is invalid: a classification task needs >= 2")
+            raise ValueError(f"num_classes={num_classes} is invalid: a classification task needs >= 2")
         self.num_classes = num_classes
         self.image_size = image_size
         self.num_train = num_train
@@ -192,7 +192,7 @@ class ImageFolderSource:
         return f"folder-{hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:12]}-{self.image_size}"
 
     def check(self) -> None:
-        for field, folder in (("data.path", self.path), ("data.test_path", self.test_path)):
+        for field, folder in (("data.source.path", self.path), ("data.source.test_path", self.test_path)):
             if folder is None:
                 continue
             if not folder.is_dir():
@@ -216,7 +216,7 @@ class ImageFolderSource:
         if self.test_path is not None:
             test = ImageFolder(str(self.test_path), transform=transform)
             if test.classes != full.classes:
-                raise DataError(f"data.test_path classes {test.classes} differ from data.path classes {full.classes}")
+                raise DataError(f"data.source.test_path classes {test.classes} differ from data.source.path classes {full.classes}")
             return full, test
         keep, held_out = split_indices(len(full), self.test_fraction, self.seed)
         return Subset(full, keep.tolist()), Subset(full, held_out.tolist())
@@ -254,7 +254,7 @@ def channel_stats(dataset: Dataset, max_images: int = 50_000) -> tuple[list[floa
     loader = DataLoader(dataset, batch_size=256, num_workers=0)
     seen = 0
     for images, _ in loader:
-        x = images.double()
+        x = images[: max_images - seen].double()  # the last batch may overshoot max_images
         s, sq = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
         total = s if total is None else total + s
         total_sq = sq if total_sq is None else total_sq + sq

@@ -1,0 +1,95 @@
+"""End to end through the real entry point: `python train.py ...` in a subprocess, and `train()` in-process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from tests.conftest import REPO
+from train import train
+
+SMOKE = ["experiment=cpu_smoke"]
+
+
+def run_train(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_cpu_smoke_run_learns_and_writes_its_outputs(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train(*SMOKE, "logger.mode=offline", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    test = metrics["test"]
+    assert set(test) >= {"top1", "top5", "loss"}
+    assert all(0.0 <= test[k] <= 1.0 for k in ("top1", "top5"))
+    assert test["top1"] > 0.5, f"synthetic task (10 classes, chance 0.1) not learned: {test}"
+    assert test["top5"] >= test["top1"]
+    assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] == 6
+    assert metrics["images_per_second"] > 0
+    assert metrics["settings"]["model"]["latent_dim"] == 16
+    assert len(metrics["history"]) == 6
+    for name in ("best.pt", "last.pt", "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    best = torch.load(run_dir / "best.pt", weights_only=False)
+    assert best["epoch"] == metrics["best_epoch"]
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline_runs) == 1, "W&B offline run files missing"
+    assert metrics["wandb_run_id"] in offline_runs[0].name
+
+
+@pytest.mark.slow
+def test_multirun_over_two_values_makes_two_job_directories(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    result = run_train(
+        "--multirun",
+        *SMOKE,
+        "logger=none",
+        "trainer.epochs=1",
+        "model.num_iterations=1,2",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
+    assert [p.name for p in jobs] == ["0", "1"]
+    iterations = [json.loads((job / "metrics.json").read_text())["settings"]["model"]["num_iterations"] for job in jobs]
+    assert iterations == [1, 2]
+
+
+@pytest.mark.slow
+def test_bad_setting_exits_fast_with_a_message_and_no_traceback(tmp_path: Path) -> None:
+    result = run_train(*SMOKE, "model.patch_size=3", "logger=none", f"hydra.run.dir={tmp_path}", timeout=120)
+    assert result.returncode == 2
+    assert "model.image_size=16 is not divisible by patch_size=3" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_train_in_process_returns_the_metrics_it_writes(
+    compose_config: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfg = compose_config(*SMOKE, "logger=none", "trainer.epochs=2", "trainer.save_checkpoints=false")
+    metrics = train(cfg, run_dir=tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["test"] == metrics["test"]
+    assert not (tmp_path / "best.pt").exists()
+
+
+def test_same_seed_same_result(compose_config: Callable[..., DictConfig], tmp_path: Path) -> None:
+    cfg = compose_config(*SMOKE, "logger=none", "trainer.epochs=1", "trainer.save_checkpoints=false")
+    first = train(cfg, run_dir=tmp_path)["test"]
+    second = train(cfg, run_dir=tmp_path)["test"]
+    assert first == second
