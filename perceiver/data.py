@@ -216,7 +216,9 @@ class ImageFolderSource:
         if self.test_path is not None:
             test = ImageFolder(str(self.test_path), transform=transform)
             if test.classes != full.classes:
-                raise DataError(f"data.source.test_path classes {test.classes} differ from data.source.path classes {full.classes}")
+                raise DataError(
+                    f"data.source.test_path classes {test.classes} differ from data.source.path classes {full.classes}"
+                )
             return full, test
         keep, held_out = split_indices(len(full), self.test_fraction, self.seed)
         return Subset(full, keep.tolist()), Subset(full, held_out.tolist())

@@ -54,7 +54,7 @@ def py2_pickle(obj: object, py2_strings: set[str]) -> bytes:
     ops = list(pickletools.genops(raw))
     ends = [pos for _, _, pos in ops[1:]] + [len(raw)]
     out = bytearray()
-    for (op, arg, pos), end in zip(ops, ends):
+    for (op, arg, pos), end in zip(ops, ends, strict=True):
         if op.name == "BINUNICODE" and arg in py2_strings:
             encoded = arg.encode("latin1")
             header = b"U" + bytes([len(encoded)]) if len(encoded) < 256 else b"T" + struct.pack("<I", len(encoded))
@@ -218,7 +218,7 @@ def test_cifar10_loads_all_five_training_batches(tmp_path: Path, monkeypatch: py
     train, test = CifarSource(name="cifar10", root=tmp_path, download=False).load()
 
     train_rows = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
-    train_labels = sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    train_labels = [label for i in range(1, 6) for label in written[f"data_batch_{i}"][1]]
     assert torch.equal(train.images, torch.from_numpy(train_rows.reshape(-1, 3, 32, 32)))
     assert train.labels.tolist() == train_labels
     assert torch.equal(test.images, torch.from_numpy(written["test_batch"][0].reshape(-1, 3, 32, 32)))

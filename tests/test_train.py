@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from tests.conftest import REPO
+from tests.wandb_files import read_offline_run
 from train import train
 
 SMOKE = ["experiment=cpu_smoke"]
@@ -49,7 +50,13 @@ def test_cpu_smoke_run_learns_and_writes_its_outputs(tmp_path: Path) -> None:
     assert best["epoch"] == metrics["best_epoch"]
     offline_runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline_runs) == 1, "W&B offline run files missing"
-    assert metrics["wandb_run_id"] in offline_runs[0].name
+    recorded = read_offline_run(offline_runs[0])  # what W&B itself wrote, decoded from its protobufs
+    assert recorded.run_id == metrics["wandb_run_id"] and recorded.exit_code == 0
+    assert recorded.config["model"]["latent_dim"] == 16 and recorded.config["seed"] == metrics["settings"]["seed"]
+    assert [row["epoch"] for row in recorded.history] == [1, 2, 3, 4, 5, 6]
+    for row, logged in zip(metrics["history"], recorded.history, strict=True):
+        assert logged["val/loss"] == pytest.approx(row["val/loss"]) and logged["lr"] == pytest.approx(row["lr"])
+    assert recorded.summary["test/top1"] == pytest.approx(test["top1"])
 
 
 @pytest.mark.slow

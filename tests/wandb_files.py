@@ -1,0 +1,85 @@
+"""Read back what W&B wrote: the records of an offline run's `.wandb` file, decoded with wandb's own
+protobuf classes, so tests check the run W&B would upload rather than our own logs."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wandb.proto import wandb_internal_pb2
+
+# The `.wandb` file is a LevelDB-style log: a 7-byte file header (":W&B", magic, version), then 32 KiB
+# blocks of chunks, each with a 7-byte header (crc32, length, type: full / first / middle / last).
+FILE_HEADER = struct.Struct("<4sHB")
+CHUNK_HEADER = struct.Struct("<IHB")
+BLOCK = 32 * 1024
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    data = Path(path).read_bytes()
+    ident, _magic, _version = FILE_HEADER.unpack_from(data, 0)
+    assert ident == b":W&B", f"{path} is not a W&B run file"
+    records, pending, offset = [], b"", FILE_HEADER.size
+    while offset + CHUNK_HEADER.size <= len(data):
+        room = BLOCK - offset % BLOCK
+        if room < CHUNK_HEADER.size:  # the rest of a block too small for a header is padding
+            offset += room
+            continue
+        _crc, length, kind = CHUNK_HEADER.unpack_from(data, offset)
+        offset += CHUNK_HEADER.size
+        chunk, offset = data[offset : offset + length], offset + length
+        if kind == 0 and length == 0:
+            break
+        pending = chunk if kind in (FULL, FIRST) else pending + chunk
+        if kind in (FULL, LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+@dataclass
+class OfflineRun:
+    run_id: str
+    group: str
+    job_type: str
+    name: str
+    tags: list[str]
+    config: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    exit_code: int | None = None
+
+
+def _item_key(item: Any) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def read_offline_run(run_file: Path) -> OfflineRun:
+    """The run's identity, config, per-step history and final summary as W&B recorded them."""
+    run: OfflineRun | None = None
+    config: dict[str, Any] = {}
+    history, summary, exit_code = [], {}, None
+    for record in read_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            run = OfflineRun(r.run_id, r.run_group, r.job_type, r.display_name, list(r.tags))
+            config.update({item.key: json.loads(item.value_json) for item in r.config.update})
+        elif kind == "config":
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+        elif kind == "history":
+            history.append({_item_key(item): json.loads(item.value_json) for item in record.history.item})
+        elif kind == "summary":
+            summary.update({_item_key(item): json.loads(item.value_json) for item in record.summary.update})
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
+    assert run is not None, f"{run_file} has no run record"
+    # W&B stores each config value as {"value": ...}; unwrap for readability.
+    run.config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items()}
+    run.history, run.summary, run.exit_code = history, summary, exit_code
+    return run
