@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from perceiver.data import DataError, make_loader, prepare_splits
+from perceiver.data import DataError, Splits, make_loader, prepare_splits
 from perceiver.engine import TrainSettings, configure_determinism, evaluate, fit, resolve_device
 from perceiver.tracking import resolve_mode
 
@@ -114,6 +114,38 @@ def job_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def load_data(cfg: DictConfig, parts: Parts) -> Splits:
+    """Load, split and measure the data; the first step that can take long (a download)."""
+    cache_dir = Path(cfg.paths.data_root).expanduser() / ".cache"
+    try:
+        splits = prepare_splits(parts.source, cfg.data.val_fraction, cfg.seed, cache_dir)
+    except (DataError, ValueError) as error:
+        raise ConfigError(str(error)) from error
+    sizes = (len(splits.train), len(splits.val), len(splits.test), splits.num_classes)
+    log.info("data: %d train / %d val / %d test images, %d classes", *sizes)
+    parts.augment.set_statistics(splits.mean, splits.std)
+    return splits
+
+
+def make_loaders(splits: Splits, parts: Parts, seed: int) -> tuple[Any, Any, Any]:
+    settings, device = parts.settings, parts.device
+    train_loader = make_loader(
+        splits.train,
+        settings.batch_size,
+        device,
+        shuffle=True,
+        drop_last=parts.augment.mixes_batches,
+        seed=seed,
+        num_workers=settings.num_workers,
+        sample_transform=parts.augment.sample_transform(),
+    )
+    val_loader, test_loader = (
+        make_loader(split, settings.batch_size, device, num_workers=settings.num_workers)
+        for split in (splits.val, splits.test)
+    )
+    return train_loader, val_loader, test_loader
+
+
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Build, fit, test; returns what it writes to metrics.json."""
     run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
@@ -121,39 +153,13 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     parts = build_parts(cfg)
     settings, device, model, augment = parts.settings, parts.device, parts.model, parts.augment
     configure_determinism(settings.deterministic)
-
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     num_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model: %s trainable parameters; device %s; run dir %s", f"{num_parameters:,}", device, run_dir)
 
-    try:
-        splits = prepare_splits(
-            parts.source, cfg.data.val_fraction, cfg.seed, Path(cfg.paths.data_root).expanduser() / ".cache"
-        )
-    except (DataError, ValueError) as error:
-        raise ConfigError(str(error)) from error
-    log.info(
-        "data: %d train / %d val / %d test images, %d classes",
-        len(splits.train),
-        len(splits.val),
-        len(splits.test),
-        splits.num_classes,
-    )
-    augment.set_statistics(splits.mean, splits.std)
-    train_loader = make_loader(
-        splits.train,
-        settings.batch_size,
-        device,
-        shuffle=True,
-        drop_last=augment.mixes_batches,
-        seed=cfg.seed,
-        num_workers=settings.num_workers,
-        sample_transform=augment.sample_transform(),
-    )
-    val_loader = make_loader(splits.val, settings.batch_size, device, num_workers=settings.num_workers)
-    test_loader = make_loader(splits.test, settings.batch_size, device, num_workers=settings.num_workers)
-
+    splits = load_data(cfg, parts)
+    train_loader, val_loader, test_loader = make_loaders(splits, parts, cfg.seed)
     wandb_config = {**resolved, "num_parameters": num_parameters, "overrides": job_overrides()}
     tracker = build("logger", cfg.logger)(config=wandb_config, run_dir=run_dir)
     exit_code = 1

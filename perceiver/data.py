@@ -94,8 +94,9 @@ class CifarSource:
             f"could not load {self.name} from {self.root} ({reason}).\n"
             f"  Looked for: {self.root / folder}/ (the extracted archive)\n"
             f"  Fix: download {archive} from https://www.cs.toronto.edu/~kriz/{archive} and place it in "
-            f"{self.root}/ (torchvision extracts it), or extract it there yourself; or point "
-            "data.root (or the PERCEIVER_DATA_ROOT environment variable) at a folder that holds it.\n"
+            f"{self.root}/ (torchvision verifies and extracts it when data.source.download=true), or extract it "
+            "there yourself; or set paths.data_root (or the PERCEIVER_DATA_ROOT environment variable) to a "
+            "folder that holds it.\n"
             "  Offline alternative: data=synthetic (generated on the spot, no files)."
         )
 
