@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +43,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(group: str, node: DictConfig, **kwargs: Any) -> Any:
-    """`instantiate` whose errors name the config group and say what was wrong."""
+def describe(group: str, error: BaseException) -> str:
+    """Prefix an error with its config group: `model.image_size=63 ...` or `optimizer: Invalid lr`."""
+    message = str(error)
+    if message.startswith(f"{group}.") or isinstance(error, DataError):
+        return message
+    return f"{group}.{message}" if re.match(r"^\w+=", message) else f"{group}: {message}"
+
+
+def build(group: str, node: DictConfig, *call_args: Any, **kwargs: Any) -> Any:
+    """`instantiate` (then call a `_partial_` with `call_args`), with errors that name the config group."""
     try:
-        return instantiate(node, **kwargs)
+        made = instantiate(node, **kwargs)
+        return made(*call_args) if call_args else made
     except InstantiationException as error:
         cause = error.__cause__
         if isinstance(cause, ValueError | TypeError | DataError):
-            message = str(cause)
-            if isinstance(cause, ValueError) and not message.startswith(f"{group}."):
-                message = f"{group}.{message}"
-            raise ConfigError(message) from error
+            raise ConfigError(describe(group, cause)) from error
         raise
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"{group}: {error}") from error
+    except (ValueError, TypeError, OmegaConfBaseException) as error:
+        raise ConfigError(describe(group, error)) from error
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """Top-level fields that no constructor checks."""
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed={cfg.seed!r} is invalid: it must be an integer")
+    fraction = cfg.data.val_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1:
+        raise ConfigError(f"data.val_fraction={fraction!r} is invalid: it must be a number in (0, 1)")
 
 
 def check_num_classes(configured: int | None, actual: int) -> int:
@@ -83,8 +99,14 @@ class Parts:
 
 def build_parts(cfg: DictConfig) -> Parts:
     """Everything cheap, in the order that fails fastest, so a bad setting costs seconds, not a data download."""
+    check_run_settings(cfg)
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    known = [f.name for f in fields(TrainSettings)]
+    unknown = sorted(set(trainer) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown trainer setting(s) {', '.join(unknown)}; valid: {', '.join(known)}")
     try:
-        settings = TrainSettings(**OmegaConf.to_container(cfg.trainer, resolve=True))
+        settings = TrainSettings(**trainer)
         device = resolve_device(settings.device)
         resolve_mode(cfg.logger.get("mode", "disabled"))
     except (ValueError, TypeError) as error:
@@ -97,8 +119,8 @@ def build_parts(cfg: DictConfig) -> Parts:
     num_classes = check_num_classes(cfg.model.get("num_classes"), source.num_classes)
     model = build("model", cfg.model, num_classes=num_classes).to(device)
     augment = build("augmentation", cfg.augmentation, num_classes=num_classes).to(device)
-    optimizer = build("optimizer", cfg.optimizer)(model)
-    scheduler = build("scheduler", cfg.scheduler)(optimizer)
+    optimizer = build("optimizer", cfg.optimizer, model)
+    scheduler = build("scheduler", cfg.scheduler, optimizer)
     return Parts(settings, device, source, model, augment, optimizer, scheduler, num_classes)
 
 
@@ -161,7 +183,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     splits = load_data(cfg, parts)
     train_loader, val_loader, test_loader = make_loaders(splits, parts, cfg.seed)
     wandb_config = {**resolved, "num_parameters": num_parameters, "overrides": job_overrides()}
-    tracker = build("logger", cfg.logger)(config=wandb_config, run_dir=run_dir)
+    tracker = build("logger", cfg.logger)(config=wandb_config, run_dir=run_dir)  # reports its own failures
     exit_code = 1
     try:
         result = fit(

@@ -97,6 +97,11 @@ def test_imagefolder_takes_its_class_count_from_the_folder(
         (["logger.mode=sometimes"], ["logger.mode='sometimes'", "offline"]),
         (["augmentation.zoom=1.5"], ["augmentation.zoom=1.5"]),
         (["data.source.num_train=0"], ["data.source.num_train=0"]),
+        (["data.val_fraction=1.5"], ["data.val_fraction=1.5", "(0, 1)"]),
+        (["seed=abc"], ["seed='abc'"]),
+        (["optimizer.lr=-1"], ["optimizer: Invalid learning rate: -1"]),
+        (["optimizer.opt=adamx"], ["optimizer: Optimizer adamx not found"]),
+        (["+trainer.epoch=3"], ["unknown trainer setting(s) epoch", "epochs"]),
     ],
 )
 def test_bad_values_fail_with_a_message_naming_the_field(
