@@ -53,7 +53,10 @@ class CrossAttention(nn.Module):
 
     Both inputs are LayerNorm-ed, and the residuals add the *normalised* tensors (as the example
     does). Scores are q.k^T times a learned scalar initialised to 1 (Keras `Attention(use_scale=True)`),
-    not divided by sqrt(d). There is no output projection.
+    not divided by sqrt(d). There is no output projection. (The example hands `[query, key, value]` to
+    Keras `Attention`, which reads `[query, value, key]`, so its "key" Dense makes the values and its
+    "value" Dense the keys; both project the same array, so only the names differ. Mind it when
+    porting weights.)
     """
 
     def __init__(
