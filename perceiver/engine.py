@@ -103,29 +103,25 @@ def configure_determinism(enabled: bool) -> None:
 
 
 class RunningMetrics:
-    """Sums of loss and top-1/top-5 hits kept as device tensors; `compute` syncs once."""
+    """Sums of loss and top-1/top-5 hits kept as device tensors (the count on the host); `compute` syncs once."""
 
     def __init__(self, device: torch.device, num_classes: int) -> None:
         self.top_k = min(5, num_classes)
-        self.sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss*n, top1, top5, n
+        self.sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, top-1 hits, top-5 hits
+        self.count = 0
 
     @torch.no_grad()
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = labels.shape[0]
-        top = logits.topk(self.top_k, dim=-1).indices
-        hits = top == labels[:, None]
+        hits = logits.topk(self.top_k, dim=-1).indices == labels[:, None]
         self.sums += torch.stack(
-            [
-                loss.detach().double() * n,
-                hits[:, 0].sum().double(),
-                hits.any(dim=-1).sum().double(),
-                torch.tensor(n, device=self.sums.device, dtype=torch.float64),
-            ]
+            [loss.detach().double() * n, hits[:, 0].sum().double(), hits.any(dim=-1).sum().double()]
         )
+        self.count += n
 
     def compute(self) -> dict[str, float]:
-        loss, top1, top5, n = self.sums.tolist()
-        n = max(n, 1.0)
+        loss, top1, top5 = self.sums.tolist()
+        n = max(self.count, 1)
         return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
 
 

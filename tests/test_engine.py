@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,21 @@ def test_fit_restores_the_best_weights_and_writes_checkpoints(tmp_path: Path) ->
         torch.testing.assert_close(tensor, best["model"][name], msg=name)
     last = torch.load(tmp_path / "last.pt", weights_only=False)
     assert last["epoch"] == 4 and "optimizer" in last
+
+
+def test_cosine_config_warms_up_then_follows_the_cosine(compose_config) -> None:
+    """conf/scheduler/cosine.yaml through `step_scheduler`, against the closed-form schedule."""
+    from hydra.utils import instantiate
+
+    cfg = compose_config("scheduler=cosine", "trainer.epochs=20")
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=1e-3)
+    scheduler = instantiate(cfg.scheduler)(optimizer)
+    warmup, start, floor, length = 5, 1e-5, 1e-6, 20
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for epoch in range(1, 15):
+        step_scheduler(scheduler, epoch, val_loss=1.0)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    expected = [start + (1e-3 - start) * e / warmup for e in range(warmup)]
+    expected += [floor + 0.5 * (1e-3 - floor) * (1 + math.cos(math.pi * (e - warmup) / length)) for e in range(5, 15)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
