@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -100,3 +101,42 @@ def test_same_seed_same_result(compose_config: Callable[..., DictConfig], tmp_pa
     first = train(cfg, run_dir=tmp_path)["test"]
     second = train(cfg, run_dir=tmp_path)["test"]
     assert first == second
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 10) -> Path:
+    """Small PNGs whose colour carries the class."""
+    from PIL import Image
+
+    for c in range(classes):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (20, 18), color=(80 * c, 10 * i, 200 - 60 * c)).save(root / f"class_{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["augmentation=mixup"],
+        ["augmentation=randaugment"],
+        ["scheduler=cosine", "optimizer=lamb", "model.position_encoding=fourier", "model.weight_sharing=none"],
+        ["IMAGEFOLDER"],
+    ],
+    ids=["mixup", "randaugment", "cosine-lamb-fourier-unshared", "imagefolder"],
+)
+def test_other_pipelines_train_end_to_end(
+    compose_config: Callable[..., DictConfig], tmp_path: Path, extra: list[str]
+) -> None:
+    if extra == ["IMAGEFOLDER"]:
+        extra = [
+            "data=imagefolder",
+            f"data.source.path={write_image_folder(tmp_path / 'images')}",
+            "data.source.image_size=16",
+        ]
+    cfg = compose_config(
+        *SMOKE, *extra, "logger=none", "trainer.epochs=2", "trainer.num_workers=0", "trainer.save_checkpoints=false"
+    )
+    metrics = train(cfg, run_dir=tmp_path)
+    assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
+    assert all(0.0 <= metrics["test"][k] <= 1.0 for k in ("top1", "top5"))
+    assert math.isfinite(metrics["test"]["loss"])
