@@ -18,6 +18,7 @@ import torch
 from keras import layers, ops
 
 from perceiver import Perceiver
+from tests.test_model import TINY
 
 if keras.backend.backend() != "torch":  # pragma: no cover - a user's KERAS_BACKEND would change the layers
     raise RuntimeError(f"these tests need KERAS_BACKEND=torch, not {keras.backend.backend()}")
@@ -150,20 +151,19 @@ def test_keras_model_at_the_example_defaults_has_the_same_trainable_parameters()
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_logits_equal_the_keras_layers_with_the_same_weights(seed: int) -> None:
-    settings = dict(image=8, patch=2, latents=6, width=16, heads=2, blocks=2, classes=5)
-    reference = KerasPerceiver(**settings)
+    reference = KerasPerceiver(
+        image=TINY["image_size"],
+        patch=TINY["patch_size"],
+        latents=TINY["latent_dim"],
+        width=TINY["projection_dim"],
+        heads=TINY["num_heads"],
+        blocks=TINY["num_transformer_blocks"],
+        classes=TINY["num_classes"],
+    )
     images = np.random.default_rng(100 + seed).normal(size=(3, 8, 8, 3)).astype("float32")
     reference(images)  # build
     reference.randomize(seed)
-    model = Perceiver(
-        image_size=8,
-        patch_size=2,
-        num_classes=5,
-        latent_dim=6,
-        projection_dim=16,
-        num_heads=2,
-        num_transformer_blocks=2,
-    ).eval()
+    model = Perceiver(**{**TINY, "num_iterations": 2}).eval()  # the Keras model above applies 2 iterations
     load_keras_weights(model, reference)
     ours = model(torch.from_numpy(images).permute(0, 3, 1, 2)).detach().numpy()
     expected = reference(images)
