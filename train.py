@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from perceiver.data import DataError, Splits, make_loader, prepare_splits
+from perceiver.data import DataError, DataSource, Splits, make_loader, prepare_splits
 from perceiver.engine import TrainSettings, configure_determinism, evaluate, fit, resolve_device
 from perceiver.tracking import resolve_mode
 
@@ -89,7 +89,7 @@ def check_num_classes(configured: int | None, actual: int) -> int:
 class Parts:
     settings: TrainSettings
     device: torch.device
-    source: Any
+    source: DataSource
     model: torch.nn.Module
     augment: Any
     optimizer: torch.optim.Optimizer

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -49,6 +49,25 @@ class ArrayDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------- sources
+
+
+class DataSource(Protocol):
+    """What `prepare_splits` needs from a data set: cheap checks first, the loading after."""
+
+    num_classes: int
+
+    @property
+    def cache_key(self) -> str:
+        """Names the data for the statistics cache."""
+        ...
+
+    def check(self) -> None:
+        """Raise DataError, without loading anything, when the data cannot be had."""
+        ...
+
+    def load(self) -> tuple[Dataset, Dataset]:
+        """(train, test) data sets of (uint8 CHW image, label) pairs."""
+        ...
 
 
 class CifarSource:
@@ -302,14 +321,16 @@ class Splits:
     std: list[float]
 
 
-def prepare_splits(source, val_fraction: float = 0.1, seed: int = 0, cache_dir: Path | None = None) -> Splits:
+def prepare_splits(
+    source: DataSource, val_fraction: float = 0.1, seed: int = 0, cache_dir: Path | None = None
+) -> Splits:
     """Load a source, hold out a seeded validation split of its training set, and compute
     normalisation statistics on what remains (the example's `Normalization.adapt`)."""
     source.check()
     train_full, test = source.load()
     train_idx, val_idx = split_indices(len(train_full), val_fraction, seed)
     train = subset(train_full, train_idx)
-    key = f"{source.cache_key}-val{val_fraction}-seed{seed}"
+    key = f"{source.cache_key}-n{len(train_full)}-val{val_fraction}-seed{seed}"
     mean, std = cached_channel_stats(train, key, cache_dir)
     return Splits(train, subset(train_full, val_idx), test, source.num_classes, mean, std)
 
