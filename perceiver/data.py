@@ -325,8 +325,8 @@ def prepare_splits(
     source: DataSource, val_fraction: float = 0.1, seed: int = 0, cache_dir: Path | None = None
 ) -> Splits:
     """Load a source, hold out a seeded validation split of its training set, and compute
-    normalisation statistics on what remains (the example's `Normalization.adapt`)."""
-    source.check()
+    normalisation statistics on what remains (the example's `Normalization.adapt`). A failed load
+    raises DataError itself; callers that want to fail before other work call `source.check()` first."""
     train_full, test = source.load()
     train_idx, val_idx = split_indices(len(train_full), val_fraction, seed)
     train = subset(train_full, train_idx)

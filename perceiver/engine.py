@@ -278,7 +278,6 @@ def fit(
     stopper = EarlyStopping(settings.early_stopping_patience)
     best_state = copy.deepcopy(model.state_dict())
     history: list[dict[str, float]] = []
-    train_seconds = 0.0
     epoch = 0
     for epoch in range(1, settings.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
@@ -295,7 +294,6 @@ def fit(
             f"epoch {epoch}/{settings.epochs}",
         )
         elapsed = time.perf_counter() - started  # `train` was read from the device: the epoch is done
-        train_seconds += elapsed
         val = evaluate(step_model, augment, val_loader, device, settings.precision, num_classes)
         improved = stopper.update(val["loss"], epoch)
         step_scheduler(scheduler, epoch, val["loss"])
@@ -353,6 +351,6 @@ def fit(
         epochs_run=epoch,
         stopped_early=stopper.should_stop,
         images_per_second=steady_throughput(history),
-        train_seconds=train_seconds,
+        train_seconds=sum(row["epoch_seconds"] for row in history),
         history=history,
     )
