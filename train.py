@@ -13,6 +13,7 @@ import random
 import re
 import sys
 import time
+import traceback
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from perceiver.data import DataError, DataSource, Splits, make_loader, prepare_splits
 from perceiver.engine import TrainSettings, configure_determinism, evaluate, fit, resolve_device
+from perceiver.sweeps import run_name, run_tags, swept_keys
 from perceiver.tracking import resolve_mode
 
 log = logging.getLogger("train")
@@ -136,6 +139,47 @@ def job_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def tracking_identity(cfg: DictConfig) -> dict[str, Any]:
+    """W&B group / job_type / name / tags: the logger config where set, else derived from the sweep and job.
+
+    group = the sweep directory's name (shared by all its jobs, kept on resume), job_type = the ablation,
+    name = the job's swept overrides, tags = all its overrides; explicit `logger.*` values win.
+    """
+    overrides, logger, ablation = job_overrides(), cfg.logger, cfg.get("ablation") or {}
+    sweep_dir = Path(HydraConfig.get().sweep.dir) if in_sweep() else None
+    derived = {
+        "group": sweep_dir.name if sweep_dir else None,
+        "job_type": ablation.get("name") or "train",
+        "name": run_name(overrides, swept_keys(sweep_dir) if sweep_dir else None),
+    }
+    identity = {key: logger.get(key) or value for key, value in derived.items()}
+    identity["tags"] = run_tags(overrides, [*(logger.get("tags") or []), *filter(None, [ablation.get("name")])])
+    return identity
+
+
+def without_skip(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.lstrip("+").startswith("skip_finished=")]
+
+
+def finished_metrics(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The metrics of this very job when its run dir says it already finished (a resumed sweep)."""
+    path = run_dir / "metrics.json"
+    if not cfg.get("skip_finished") or not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    if without_skip(metrics.get("overrides", [])) != without_skip(job_overrides()):
+        raise ConfigError(
+            f"{run_dir} already holds a finished job with other overrides ({metrics.get('overrides')}); "
+            "give this sweep a new hydra.sweep.dir, or set skip_finished=false to overwrite it"
+        )
+    log.info("already finished (%s): skipped; test top1 %.4f", path, metrics["test"]["top1"])
+    return metrics
+
+
 def load_data(cfg: DictConfig, parts: Parts) -> Splits:
     """Load, split and measure the data; the first step that can take long (a download)."""
     cache_dir = Path(cfg.paths.data_root).expanduser() / ".cache"
@@ -171,6 +215,8 @@ def make_loaders(splits: Splits, parts: Parts, seed: int) -> tuple[Any, Any, Any
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Build, fit, test; returns what it writes to metrics.json."""
     run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
+    if (finished := finished_metrics(cfg, run_dir)) is not None:
+        return finished
     seed_everything(cfg.seed)
     parts = build_parts(cfg)
     settings, device, model, augment = parts.settings, parts.device, parts.model, parts.augment
@@ -182,8 +228,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
 
     splits = load_data(cfg, parts)
     train_loader, val_loader, test_loader = make_loaders(splits, parts, cfg.seed)
-    wandb_config = {**resolved, "num_parameters": num_parameters, "overrides": job_overrides()}
-    tracker = build("logger", cfg.logger)(config=wandb_config, run_dir=run_dir)  # reports its own failures
+    identity = tracking_identity(cfg)
+    job_number = HydraConfig.get().job.num if in_sweep() else None
+    wandb_config = {**resolved, "num_parameters": num_parameters, "overrides": job_overrides(), "job_num": job_number}
+    tracker = build("logger", cfg.logger)(config=wandb_config, run_dir=run_dir, **identity)  # reports its failures
     exit_code = 1
     try:
         result = fit(
@@ -211,17 +259,20 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             "num_parameters": num_parameters,
             "device": str(device),
             "wandb_run_id": tracker.run_id,
+            "wandb_group": identity["group"],
+            "job_num": job_number,
             "overrides": job_overrides(),
             "settings": resolved,
             "history": result.history,
         }
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         tracker.summarize(
             {f"test/{k}": v for k, v in test.items()}
             | {"best_epoch": result.best_epoch, "images_per_second": result.images_per_second}
         )
         if settings.save_checkpoints:
             tracker.log_artifact(run_dir / "best.pt", name=f"model-{tracker.run_id}")
+        tracker.finish(exit_code=0)
+        write_atomically(run_dir / "metrics.json", json.dumps(metrics, indent=2))  # last: the job is complete
         log.info(
             "test: top1 %.4f top5 %.4f loss %.4f (best epoch %d) -> %s",
             test["top1"],
@@ -236,14 +287,36 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         tracker.finish(exit_code=exit_code)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Returns the test top-1, so Hydra sweepers can optimise it."""
+    """Returns the test top-1, so Hydra sweepers can optimise it.
+
+    A failing job leaves `error.txt` in its run dir. In a sweep it re-raises, so Hydra marks the job
+    failed and goes on with the others; a single run reports a bad setting in one line and exits 2.
+    """
     try:
         return train(cfg)["test"]["top1"]
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as error:
+        record_failure(run_directory(cfg), error)
+        if in_sweep():
+            log.error("job failed: %s: %s (the sweep goes on; see error.txt)", type(error).__name__, error)
+            raise
+        if isinstance(error, ConfigError):
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A reader (a resumed sweep, the summary) sees the whole file or none of it."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def record_failure(run_dir: Path, error: BaseException) -> None:
+    """`error.txt` in the run dir: the traceback, for the sweep summary and for whoever reads it later."""
+    (run_dir / "error.txt").write_text("".join(traceback.format_exception(error)))
 
 
 if __name__ == "__main__":

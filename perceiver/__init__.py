@@ -7,18 +7,22 @@ from perceiver.augment import BatchAugment
 from perceiver.data import ArrayDataset, CifarSource, DataError, ImageFolderSource, SyntheticSource
 from perceiver.engine import TrainSettings, evaluate, fit
 from perceiver.model import Perceiver
+from perceiver.permutation import FixedPermutation
 from perceiver.tracking import NullTracker, WandbTracker
+from perceiver.vit import ViT
 
 __all__ = [
     "ArrayDataset",
     "BatchAugment",
     "CifarSource",
     "DataError",
+    "FixedPermutation",
     "ImageFolderSource",
     "NullTracker",
     "Perceiver",
     "SyntheticSource",
     "TrainSettings",
+    "ViT",
     "WandbTracker",
     "evaluate",
     "fit",

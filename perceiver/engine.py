@@ -91,10 +91,13 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def configure_determinism(enabled: bool) -> None:
-    """Deterministic kernels for exact reruns (slower); TF32 matmuls otherwise on CUDA."""
+    """Deterministic kernels for exact reruns (slower); TF32 matmuls otherwise on CUDA.
+
+    Set both ways, so one job of a sweep never inherits the previous job's setting in the same process.
+    """
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cuda.matmul.allow_tf32 = not enabled
     torch.backends.cudnn.allow_tf32 = not enabled
 

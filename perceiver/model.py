@@ -3,7 +3,7 @@
 Laid out like the keras.io example "Image classification with Perceiver" so that the default
 arguments compute the same function with the same trainable parameters:
 
-    image -> patches -> PatchEncoder -> data array (B, M, D)
+    image -> patches -> PatchEncoder -> data array (B, M, D) [-> FixedPermutation of the M inputs]
     latents (N, D) -> [CrossAttention(latents, data) -> LatentTransformer] x num_iterations
     -> mean over latents -> classifier head -> logits
 
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perceiver.permutation import FixedPermutation, check_permutation_arguments
 from perceiver.position import POSITION_ENCODINGS, PatchEncoder
 
 WEIGHT_SHARING = ("all", "all_but_first", "none")
@@ -181,6 +182,8 @@ class Perceiver(nn.Module):
         fourier_max_freq: float | None = None,
         latent_init_std: float = 0.05,
         layer_norm_eps: float = 1e-6,
+        permute_inputs: bool = False,
+        permutation_seed: int = 0,
     ) -> None:
         super().__init__()
         key_dim = projection_dim if key_dim is None else key_dim
@@ -207,6 +210,8 @@ class Perceiver(nn.Module):
             fourier_num_bands=fourier_num_bands,
             fourier_max_freq=fourier_max_freq,
             latent_init_std=latent_init_std,
+            permute_inputs=permute_inputs,
+            permutation_seed=permutation_seed,
         )
         self.num_classes = num_classes
         self.latent_init_std = latent_init_std
@@ -219,6 +224,9 @@ class Perceiver(nn.Module):
             fourier_num_bands,
             fourier_max_freq,
         )
+        # The paper's Table 2: one fixed shuffle of the inputs *after* their position encoding is attached,
+        # so each input keeps its own position; cross-attention ignores the order, so the logits don't change.
+        self.permutation = FixedPermutation(self.encoder.num_patches, permutation_seed) if permute_inputs else None
         self.latents = nn.Parameter(torch.empty(latent_dim, projection_dim))
         self.cross_index, self.latent_index = sharing_plan(weight_sharing, num_iterations)
         self.cross_attends = nn.ModuleList(
@@ -272,6 +280,8 @@ class Perceiver(nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) normalised images -> (B, N, D) final latents."""
         data = self.encoder(images)
+        if self.permutation is not None:
+            data = self.permutation(data)
         latents = self.latents.unsqueeze(0)
         for cross, latent in zip(self.cross_index, self.latent_index, strict=True):
             latents = self.cross_attends[cross](latents, data)
@@ -332,6 +342,7 @@ def check_arguments(**args: object) -> None:
     std = args["latent_init_std"]
     if not isinstance(std, int | float) or std <= 0:
         raise ValueError(f"latent_init_std={std!r} is invalid: it must be a positive number")
+    check_permutation_arguments(args["permute_inputs"], args["permutation_seed"])
 
 
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:

@@ -10,7 +10,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 from PIL import Image
 
-from perceiver import Perceiver
+from perceiver import Perceiver, ViT
 from tests.conftest import CONF
 from train import ConfigError, build_parts
 
@@ -46,7 +46,7 @@ def test_every_option_composes_and_builds(
         overrides.append(f"data.source.path={image_folder(tmp_path / 'images')}")
     cfg = compose_config(*overrides)
     parts = build_parts(cfg)
-    assert isinstance(parts.model, Perceiver)
+    assert isinstance(parts.model, Perceiver | ViT)
     assert parts.model.num_classes == parts.num_classes == parts.source.num_classes
     assert parts.optimizer.param_groups and parts.scheduler is not None
 

@@ -1,0 +1,251 @@
+"""Summarise a sweep directory: one row per job, mean +- std over seeds per grid point, a plot of test
+top-1 against the ablated axis, and the same table and plot as a W&B run in the sweep's group.
+
+Reads only what the jobs wrote (`.hydra/overrides.yaml`, `metrics.json`, `error.txt`), so it works on
+a finished, failed or half-done sweep, and again at any time later.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from perceiver.sweeps import parse_value, short_key, split_override, swept_keys
+
+log = logging.getLogger(__name__)
+
+METRICS = ("top1", "top5", "loss")  # test metrics, aggregated over seeds
+SEED_KEY = "seed"
+
+
+@dataclass
+class Job:
+    """One job directory of a sweep and what it left behind."""
+
+    number: int
+    directory: Path
+    overrides: dict[str, str]
+    status: str  # finished | failed | incomplete
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass
+class Summary:
+    sweep_dir: Path
+    jobs: list[Job]
+    keys: list[str]  # the swept keys other than the seed: one grid point per combination
+    axis: str | None  # the key on the plot's x axis
+    rows: list[dict[str, Any]]  # one per grid point
+
+    @property
+    def job_rows(self) -> list[dict[str, Any]]:
+        return [job_row(job, self.keys) for job in self.jobs]
+
+
+def read_job(directory: Path) -> Job:
+    overrides_file = directory / ".hydra" / "overrides.yaml"
+    overrides = dict(split_override(o) for o in yaml.safe_load(overrides_file.read_text()) or [])
+    job = Job(int(directory.name), directory, overrides, "incomplete")
+    metrics_file, error_file = directory / "metrics.json", directory / "error.txt"
+    if metrics_file.is_file():
+        job.status, job.metrics = "finished", json.loads(metrics_file.read_text())
+    elif error_file.is_file():
+        job.status, job.error = "failed", error_file.read_text().strip().splitlines()[-1]
+    return job
+
+
+def collect_jobs(sweep_dir: Path) -> list[Job]:
+    """Every job directory (named by its Hydra job number) in job order."""
+    directories = [p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/overrides.yaml")]
+    return sorted((read_job(d) for d in directories if d.name.isdigit()), key=lambda job: job.number)
+
+
+def varying_keys(jobs: Sequence[Job]) -> list[str]:
+    """Keys whose value differs between jobs, in the order they first appear."""
+    keys = list(dict.fromkeys(key for job in jobs for key in job.overrides))
+    return [key for key in keys if len({job.overrides.get(key) for job in jobs}) > 1]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); the std of a single value is 0."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def sort_key(value: str) -> tuple[int, Any]:
+    """Numbers by size, then everything else in grid order."""
+    parsed = parse_value(value)
+    is_number = isinstance(parsed, int | float) and not isinstance(parsed, bool)
+    return (0, parsed) if is_number else (1, 0)
+
+
+def aggregate(jobs: Sequence[Job], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per grid point (combination of `keys`), with mean +- std of the finished jobs' metrics."""
+    points: dict[tuple[str, ...], list[Job]] = {}
+    for job in jobs:
+        points.setdefault(tuple(job.overrides.get(key, "") for key in keys), []).append(job)
+    rows = []
+    for point, members in points.items():
+        finished = [job for job in members if job.status == "finished"]
+        row: dict[str, Any] = dict(zip(keys, point, strict=True))
+        row |= {"n": len(finished), "failed": sum(job.status == "failed" for job in members)}
+        for name in METRICS:
+            row[f"{name}_mean"], row[f"{name}_std"] = mean_std([job.metrics["test"][name] for job in finished])
+        row["images_per_second"] = mean_std([job.metrics["images_per_second"] for job in finished])[0]
+        row["num_parameters"] = finished[0].metrics["num_parameters"] if finished else None
+        rows.append(row)
+    return rows
+
+
+def job_row(job: Job, keys: Sequence[str]) -> dict[str, Any]:
+    test = job.metrics.get("test", {})
+    return {
+        "job": job.number,
+        **{key: job.overrides.get(key, "") for key in keys},
+        SEED_KEY: job.overrides.get(SEED_KEY, job.metrics.get("settings", {}).get(SEED_KEY, "")),
+        "status": job.status,
+        **{name: test.get(name) for name in METRICS},
+        "best_epoch": job.metrics.get("best_epoch"),
+        "epochs_run": job.metrics.get("epochs_run"),
+        "images_per_second": job.metrics.get("images_per_second"),
+        "wandb_run_id": job.metrics.get("wandb_run_id"),
+        "error": job.error,
+    }
+
+
+def sweep_settings(sweep_dir: Path) -> dict[str, Any]:
+    """The sweep's own config (Hydra's multirun.yaml), or an empty dict for a directory without one."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else {}
+
+
+def summarize(sweep_dir: Path) -> Summary:
+    sweep_dir = Path(sweep_dir)
+    jobs = collect_jobs(sweep_dir)
+    if not jobs:
+        raise FileNotFoundError(f"{sweep_dir} holds no job directories (*/.hydra/overrides.yaml): is it a sweep dir?")
+    swept = swept_keys(sweep_dir)
+    keys = [key for key in (swept if swept is not None else varying_keys(jobs)) if key != SEED_KEY]
+    axis = (sweep_settings(sweep_dir).get("ablation") or {}).get("axis")
+    axis = axis if axis in keys else (keys[0] if keys else None)
+    return Summary(sweep_dir, jobs, keys, axis, aggregate(jobs, keys))
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(summary: Summary) -> str:
+    """Grid points with `mean ± std (n)` cells: readable in a terminal, a PR or a W&B report."""
+    headers = [short_key(key, summary.keys) for key in summary.keys] + ["n", "top-1", "top-5", "loss", "params"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in summary.rows:
+        failed = f" ({row['failed']} failed)" if row["failed"] else ""
+        cells = [str(row[key]) for key in summary.keys] + [f"{row['n']}{failed}"]
+        cells += [f"{row[f'{name}_mean']:.4f} ± {row[f'{name}_std']:.4f}" for name in METRICS]
+        cells.append(f"{row['num_parameters']:,}" if row["num_parameters"] else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: Summary, path: Path) -> Path:
+    """Test top-1 (mean ± std over seeds) against the axis; one line per combination of the other keys."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = figure.add_subplot()
+    axis = summary.axis
+    others = [key for key in summary.keys if key != axis]
+    values = sorted({row[axis] for row in summary.rows}, key=sort_key) if axis else [""]
+    numeric = all(sort_key(v)[0] == 0 for v in values) and axis is not None
+    positions = {v: (parse_value(v) if numeric else i) for i, v in enumerate(values)}
+    series: dict[str, list[dict[str, Any]]] = {}
+    for row in summary.rows:
+        label = ",".join(f"{short_key(k, summary.keys)}={row[k]}" for k in others)
+        series.setdefault(label, []).append(row)
+    for label, rows in series.items():
+        rows = sorted((r for r in rows if r["n"]), key=lambda r: sort_key(r[axis]) if axis else (0, 0))
+        xs = [positions[r[axis]] if axis else 0 for r in rows]
+        means, stds = [r["top1_mean"] for r in rows], [r["top1_std"] for r in rows]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label or None)
+    if numeric and min(positions.values()) > 0 and max(positions.values()) / min(positions.values()) >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(list(positions.values()), [str(v) for v in values])
+    ax.set_xlabel(axis or "")
+    ax.set_ylabel("test top-1 (mean ± std over seeds)")
+    ax.set_title(summary.sweep_dir.name)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def write_summary(summary: Summary) -> dict[str, Path]:
+    """summary.csv / summary.md (grid points), jobs.csv (every job) and top1.png in the sweep dir."""
+    out = summary.sweep_dir
+    files = {"summary_csv": out / "summary.csv", "summary_md": out / "summary.md", "jobs_csv": out / "jobs.csv"}
+    write_csv(files["jobs_csv"], summary.job_rows)
+    if summary.rows:
+        write_csv(files["summary_csv"], summary.rows)
+        files["summary_md"].write_text(markdown_table(summary))
+    if any(row["n"] for row in summary.rows):
+        files["plot"] = plot(summary, out / "top1.png")
+    return files
+
+
+def wandb_group(summary: Summary) -> str:
+    """The group the jobs logged to (recorded in their metrics.json), else the sweep dir's name."""
+    groups = [job.metrics.get("wandb_group") for job in summary.jobs if job.metrics.get("wandb_group")]
+    return groups[0] if groups else summary.sweep_dir.name
+
+
+def log_to_wandb(summary: Summary, files: dict[str, Path], tracker_factory: Any) -> str | None:
+    """A `summary` run in the sweep's group with both tables and the plot; returns its run id."""
+    import wandb
+
+    settings = sweep_settings(summary.sweep_dir)
+    name = (settings.get("ablation") or {}).get("name") or summary.sweep_dir.name
+    tracker = tracker_factory(
+        config={"sweep_dir": str(summary.sweep_dir), "ablation": settings.get("ablation"), "keys": summary.keys},
+        run_dir=summary.sweep_dir,
+        group=wandb_group(summary),
+        job_type="summary",
+        name=f"{name}-summary",
+        tags=["summary", name],
+    )
+    try:
+        logged: dict[str, Any] = {"jobs": table(summary.job_rows)}
+        if summary.rows:
+            logged["grid"] = table(summary.rows)
+        if "plot" in files:
+            logged["top1_plot"] = wandb.Image(str(files["plot"]))
+        tracker.log(logged)
+        best = max((row for row in summary.rows if row["n"]), key=lambda row: row["top1_mean"], default=None)
+        if best is not None:
+            tracker.summarize({"best/top1_mean": best["top1_mean"], **{f"best/{k}": best[k] for k in summary.keys}})
+    finally:
+        tracker.finish()
+    return tracker.run_id
+
+
+def table(rows: Sequence[dict[str, Any]]) -> Any:
+    import wandb
+
+    columns = list(rows[0])
+    return wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])

@@ -1,0 +1,314 @@
+"""Sweeps end to end: named grids, one W&B run per job (read back from W&B's own files), failed jobs,
+resuming a killed sweep, the joblib launcher, and sweep.py's summary against a recomputation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import sweep
+from perceiver.engine import configure_determinism
+from perceiver.summary import summarize
+from perceiver.sweeps import grid, run_name, run_tags, wandb_sweep_config
+from tests.conftest import CONF, REPO
+from tests.wandb_files import read_offline_run
+from train import ConfigError, train
+
+TINY_JOBS = ["experiment=cpu_smoke", "logger.mode=offline", "trainer.epochs=2", "data.source.num_train=600"]
+ABLATIONS = sorted(p.stem for p in (CONF / "ablation").glob("*.yaml"))
+
+
+def python(script: str, *arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, script, *arguments], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def offline_runs(job_dir: Path) -> list:
+    return [read_offline_run(path) for path in sorted(job_dir.glob("wandb/offline-run-*/run-*.wandb"))]
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+# --- the grid and the names, without running anything ---------------------------------------------
+
+
+def test_command_line_values_replace_a_grids_own_and_add_axes() -> None:
+    axes = grid(["model.latent_dim=32,64,128", "experiment=cpu_smoke", "model.latent_dim=8,16", "seed=range(3)"])
+    assert axes == {"model.latent_dim": ["8", "16"], "experiment": ["cpu_smoke"], "seed": ["0", "1", "2"]}
+
+
+def test_run_names_use_the_swept_overrides_with_short_keys() -> None:
+    overrides = ["experiment=cpu_smoke", "model.latent_dim=512", "seed=1"]
+    assert run_name(overrides, swept=["model.latent_dim", "seed"]) == "latent_dim=512,seed=1"
+    assert run_name(overrides, swept=None) == "experiment=cpu_smoke,latent_dim=512,seed=1"
+    assert run_name(["model.dropout_rate=0.1", "augment.dropout_rate=0.2"], None) == (
+        "model.dropout_rate=0.1,augment.dropout_rate=0.2"
+    )
+    assert run_name([], None) is None
+    tags = run_tags(["x=" + "a" * 100, "seed=1", "seed=1"], extra=["num_latents"])
+    assert tags == ["num_latents", "x=" + "a" * 62, "seed=1"]
+
+
+def test_wandb_sweep_config_has_the_same_grid_and_a_hydra_command() -> None:
+    config = wandb_sweep_config(
+        ["model.latent_dim=32,64", "ablation=num_latents", "seed=0,1", "+trainer.note=x"], name="num_latents"
+    )
+    assert config["method"] == "grid" and config["program"] == "train.py"
+    assert config["parameters"] == {"model.latent_dim": {"values": [32, 64]}, "seed": {"values": [0, 1]}}
+    assert config["command"][3:] == ["ablation=num_latents", "+trainer.note=x", "${args_no_hyphens}"]
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_every_grid_point_of_every_ablation_composes_and_builds(
+    name: str, compose_config: Callable[..., DictConfig]
+) -> None:
+    cfg = compose_config(f"ablation={name}")
+    assert cfg.ablation.name == name
+    params = OmegaConf.load(CONF / "ablation" / f"{name}.yaml").hydra.sweeper.params
+    axes = grid([f"{key}={value}" for key, value in params.items()])
+    assert cfg.ablation.axis in axes, f"{name}: its plot axis is not one of its swept keys"
+    assert sum(len(v) > 1 for v in axes.values()) >= 1
+    points = [[]]
+    for key, values in axes.items():
+        points = [[*point, f"{key}={value}"] for point in points for value in values]
+    for point in points:
+        model = instantiate(compose_config(f"ablation={name}", *point).model, num_classes=10, in_channels=3)
+        assert sum(p.numel() for p in model.parameters()) > 0, point
+
+
+def test_the_weight_sharing_grid_separates_its_three_options(compose_config: Callable[..., DictConfig]) -> None:
+    counts = {
+        sharing: sum(
+            p.numel()
+            for p in instantiate(
+                compose_config("ablation=weight_sharing", f"model.weight_sharing={sharing}").model,
+                num_classes=10,
+                in_channels=3,
+            ).parameters()
+        )
+        for sharing in ("all", "all_but_first", "none")
+    }
+    assert counts["all"] < counts["all_but_first"] < counts["none"]
+
+
+# --- skipping finished jobs --------------------------------------------------------------------------
+
+
+def test_a_finished_job_is_returned_not_rerun_and_a_different_one_is_refused(
+    compose_config: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfg = compose_config("experiment=cpu_smoke", "logger=none")
+    stored = {"test": {"top1": 0.25, "top5": 0.5, "loss": 2.0}, "overrides": []}
+    (tmp_path / "metrics.json").write_text(json.dumps(stored))
+    assert train(cfg, run_dir=tmp_path) == stored
+    assert not (tmp_path / "config.yaml").exists(), "a skipped job must not start again"
+    (tmp_path / "metrics.json").write_text(json.dumps({**stored, "overrides": ["model.latent_dim=8"]}))
+    with pytest.raises(ConfigError, match="already holds a finished job with other overrides"):
+        train(cfg, run_dir=tmp_path)
+
+
+def test_determinism_does_not_leak_from_one_job_into_the_next() -> None:
+    configure_determinism(True)
+    assert torch.are_deterministic_algorithms_enabled()
+    configure_determinism(False)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+# --- real sweeps ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sweep_runs_a_2x2_grid_logs_every_job_and_summarises_it(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "num_iterations_sweep"
+    result = python(
+        "sweep.py",
+        "ablation=num_iterations",
+        "model.num_iterations=1,2",  # replaces the grid's own 1,2,4,8
+        "seed=0,1",
+        *TINY_JOBS,
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = job_dirs(sweep_dir)
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+
+    runs = [offline_runs(job) for job in jobs]
+    assert [len(r) for r in runs] == [1, 1, 1, 1], "one W&B run per job"
+    runs = [r[0] for r in runs]
+    assert {run.group for run in runs} == {sweep_dir.name}
+    assert {run.job_type for run in runs} == {"num_iterations"}
+    assert [run.name for run in runs] == [
+        "num_iterations=1,seed=0",
+        "num_iterations=1,seed=1",
+        "num_iterations=2,seed=0",
+        "num_iterations=2,seed=1",
+    ]
+    assert len({run.run_id for run in runs}) == 4
+    for number, (job, run) in enumerate(zip(jobs, runs, strict=True)):
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert run.run_id == metrics["wandb_run_id"] and run.exit_code == 0
+        assert run.config["model"]["num_iterations"] == [1, 1, 2, 2][number]
+        assert run.config["seed"] == [0, 1, 0, 1][number] and run.config["job_num"] == number
+        assert "model.num_iterations=" + str(run.config["model"]["num_iterations"]) in run.config["overrides"]
+        assert "num_iterations" in run.tags and f"seed={run.config['seed']}" in run.tags
+        assert [row["epoch"] for row in run.history] == [1, 2]
+        assert [row["val/loss"] for row in run.history] == pytest.approx([r["val/loss"] for r in metrics["history"]])
+        assert run.summary["test/top1"] == pytest.approx(metrics["test"]["top1"])
+
+    # The summary, recomputed from the jobs' own metrics.json.
+    with (sweep_dir / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["model.num_iterations"] for row in rows] == ["1", "2"]
+    for row in rows:
+        members = [job for job in jobs if f"model.num_iterations={row['model.num_iterations']}" in _overrides(job)]
+        top1 = [json.loads((job / "metrics.json").read_text())["test"]["top1"] for job in members]
+        assert int(row["n"]) == len(top1) == 2
+        assert float(row["top1_mean"]) == pytest.approx(statistics.mean(top1))
+        assert float(row["top1_std"]) == pytest.approx(statistics.stdev(top1))
+    markdown = (sweep_dir / "summary.md").read_text()
+    assert markdown.splitlines()[0].startswith("| num_iterations | n | top-1")
+    assert len(markdown.splitlines()) == 2 + 2
+    with (sweep_dir / "jobs.csv").open() as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == ["finished"] * 4
+    assert (sweep_dir / "top1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    (summary_run,) = offline_runs(sweep_dir)
+    assert summary_run.group == sweep_dir.name and summary_run.job_type == "summary"
+    logged = summary_run.history[0]
+    assert logged["grid/_type"] == "table-file" and logged["grid/nrows"] == 2
+    assert logged["jobs/nrows"] == 4 and logged["top1_plot/_type"] == "image-file"
+    table = json.loads(next(sweep_dir.glob("wandb/offline-run-*/files/media/table/grid_*.table.json")).read_text())
+    column = table["columns"].index("top1_mean")
+    means = {r[0]: r[column] for r in table["data"]}
+    assert means == {row["model.num_iterations"]: pytest.approx(float(row["top1_mean"])) for row in rows}
+
+
+def _overrides(job: Path) -> list[str]:
+    return yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_marked_failed_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    result = python("train.py", "--multirun", *TINY_JOBS, "optimizer.lr=1e30,1e-3", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode != 0, "a sweep with a failed job must not exit 0"
+    failed, finished = job_dirs(sweep_dir)
+    assert "FloatingPointError" in (failed / "error.txt").read_text()
+    assert not (failed / "metrics.json").exists()
+    assert (finished / "metrics.json").is_file(), "the job after the failed one did not run"
+    (failed_run,), (finished_run,) = offline_runs(failed), offline_runs(finished)
+    assert failed_run.exit_code != 0 and finished_run.exit_code == 0
+    assert failed_run.group == finished_run.group == sweep_dir.name
+
+    assert sweep.main(["summarize", str(sweep_dir), "--no-wandb"]) == 1  # not every job finished
+    summary = summarize(sweep_dir)
+    assert [job.status for job in summary.jobs] == ["failed", "finished"]
+    assert "validation loss was never finite" in summary.jobs[0].error
+    points = [(row["optimizer.lr"], row["n"], row["failed"]) for row in summary.rows]
+    assert points == [("1e+30", 0, 1), ("0.001", 1, 0)]
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_with_only_the_missing_jobs(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "sweep.py", "ablation=num_iterations", "model.num_iterations=1,2,3", *TINY_JOBS]
+    process = subprocess.Popen(
+        [*command, f"hydra.sweep.dir={sweep_dir}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    first = sweep_dir / "0" / "metrics.json"
+    try:
+        deadline = time.monotonic() + 240
+        while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    assert first.exists(), "the first job never finished"
+    assert not (sweep_dir / "2" / "metrics.json").exists(), "killed too late to test resuming"
+    kept = first.read_bytes(), first.stat().st_mtime_ns
+
+    result = python("sweep.py", "resume", str(sweep_dir), "--no-wandb")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == kept, "the finished job ran again"
+    assert len(offline_runs(sweep_dir / "0")) == 1
+    for number, iterations in enumerate((1, 2, 3)):
+        metrics = json.loads((sweep_dir / str(number) / "metrics.json").read_text())
+        assert metrics["settings"]["model"]["num_iterations"] == iterations
+        assert metrics["wandb_group"] == sweep_dir.name
+    assert "| num_iterations | n | top-1" in result.stdout
+
+
+@pytest.mark.slow
+def test_jobs_run_in_parallel_with_the_joblib_launcher(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    result = python(
+        "train.py",
+        "--multirun",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        *TINY_JOBS,
+        "model.num_iterations=1,2",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [offline_runs(job) for job in job_dirs(sweep_dir)]
+    assert [len(r) for r in runs] == [1, 1]
+    assert {r[0].group for r in runs} == {sweep_dir.name}
+    assert [r[0].name for r in runs] == ["num_iterations=1", "num_iterations=2"]
+    assert [r[0].config["model"]["num_iterations"] for r in runs] == [1, 2]
+
+
+# --- sweep.py's other commands and its errors --------------------------------------------------------
+
+
+def test_wandb_sweep_writes_a_config_without_credentials(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = sweep.main(["ablation=num_latents", "seed=0,1", f"paths.output_dir={tmp_path}", "--wandb-sweep"])
+    assert code == 0
+    (path,) = tmp_path.glob("sweeps/num_latents_*/wandb_sweep.yaml")
+    config = yaml.safe_load(path.read_text())
+    assert config["parameters"]["model.latent_dim"]["values"] == [32, 64, 128, 256, 512]
+    assert config["parameters"]["seed"]["values"] == [0, 1]
+    assert "ablation=num_latents" in config["command"]
+    assert "no W&B credentials" in capsys.readouterr().out
+
+
+def test_list_names_every_ablation(capsys: pytest.CaptureFixture) -> None:
+    assert sweep.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ABLATIONS:
+        assert name in out
+    assert "paper Table 2" in out
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["ablation=no_such_grid"], "named grids: "),
+        (["summarize", "/no/such/sweep"], "is not a directory"),
+        (["summarize"], "usage: python sweep.py summarize SWEEP_DIR"),
+        (["resume", "{tmp}"], "multirun.yaml not found"),
+        (["summarize", "{tmp}"], "holds no job directories"),
+    ],
+)
+def test_sweep_errors_are_one_clear_line(
+    arguments: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert sweep.main([a.format(tmp=tmp_path) for a in arguments]) == 2
+    assert message in capsys.readouterr().err
