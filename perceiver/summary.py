@@ -163,34 +163,53 @@ def markdown_table(summary: Summary) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: Summary, path: Path) -> Path:
-    """Test top-1 (mean ± std over seeds) against the axis; one line per combination of the other keys."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+@dataclass
+class PlotData:
+    """What the plot shows: x positions and tick labels of the axis, and per line the points (x, mean, std)."""
 
-    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = figure.add_subplot()
+    ticks: dict[str, float]  # axis value -> x position (the value itself when numeric, else its grid index)
+    numeric: bool
+    lines: dict[str, list[tuple[float, float, float]]]
+
+
+def plot_data(summary: Summary) -> PlotData:
+    """Test top-1 points of every grid point with finished jobs; one line per combination of the other keys."""
     axis = summary.axis
     others = [key for key in summary.keys if key != axis]
-    values = sorted({row[axis] for row in summary.rows}, key=sort_key) if axis else [""]
-    numeric = all(sort_key(v)[0] == 0 for v in values) and axis is not None
-    positions = {v: (parse_value(v) if numeric else i) for i, v in enumerate(values)}
-    series: dict[str, list[dict[str, Any]]] = {}
+    values = list(dict.fromkeys(row[axis] for row in summary.rows)) if axis else [""]  # grid order
+    numeric = axis is not None and all(sort_key(v)[0] == 0 for v in values)
+    if numeric:
+        values.sort(key=sort_key)
+    ticks = {v: (parse_value(v) if numeric else i) for i, v in enumerate(values)}
+    lines: dict[str, list[tuple[float, float, float]]] = {}
     for row in summary.rows:
         label = ",".join(f"{short_key(k, summary.keys)}={row[k]}" for k in others)
-        series.setdefault(label, []).append(row)
-    for label, rows in series.items():
-        rows = sorted((r for r in rows if r["n"]), key=lambda r: sort_key(r[axis]) if axis else (0, 0))
-        xs = [positions[r[axis]] if axis else 0 for r in rows]
-        means, stds = [r["top1_mean"] for r in rows], [r["top1_std"] for r in rows]
-        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label or None)
-    if numeric and min(positions.values()) > 0 and max(positions.values()) / min(positions.values()) >= 8:
+        points = lines.setdefault(label, [])
+        if row["n"]:
+            points.append((ticks[row[axis]] if axis else 0, row["top1_mean"], row["top1_std"]))
+    return PlotData(ticks, numeric, {label: sorted(points) for label, points in lines.items()})
+
+
+def plot(summary: Summary, path: Path) -> Path:
+    """Test top-1 (mean ± std over seeds) against the axis, error bars = std."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    data = plot_data(summary)
+    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = figure.add_subplot()
+    style = "-" if data.numeric else "none"  # no lines between categories
+    for label, points in data.lines.items():
+        xs, means, stds = zip(*points, strict=True) if points else ((), (), ())
+        ax.errorbar(xs, means, yerr=stds, marker="o", linestyle=style, capsize=3, label=label or None)
+    positions = list(data.ticks.values())
+    if data.numeric and min(positions) > 0 and max(positions) / min(positions) >= 8:
         ax.set_xscale("log", base=2)
-    ax.set_xticks(list(positions.values()), [str(v) for v in values])
-    ax.set_xlabel(axis or "")
+    ax.set_xticks(positions, list(data.ticks))
+    ax.set_xlabel(summary.axis or "")
     ax.set_ylabel("test top-1 (mean ± std over seeds)")
     ax.set_title(summary.sweep_dir.name)
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if len(data.lines) > 1:
         ax.legend(fontsize="small")
     figure.savefig(path, dpi=120)
     return path

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import sweep
 from perceiver.engine import configure_determinism
-from perceiver.summary import summarize
+from perceiver.summary import Summary, markdown_table, plot_data, summarize, write_summary
 from perceiver.sweeps import grid, run_name, run_tags, wandb_sweep_config
 from tests.conftest import CONF, REPO
 from tests.wandb_files import read_offline_run
@@ -106,6 +106,60 @@ def test_the_weight_sharing_grid_separates_its_three_options(compose_config: Cal
         for sharing in ("all", "all_but_first", "none")
     }
     assert counts["all"] < counts["all_but_first"] < counts["none"]
+
+
+def write_job(sweep_dir: Path, number: int, overrides: list[str], top1: float | None) -> None:
+    """A job directory as train.py leaves it: Hydra's overrides.yaml, and metrics.json once finished."""
+    job = sweep_dir / str(number)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if top1 is not None:
+        test = {"top1": top1, "top5": min(1.0, top1 + 0.2), "loss": 1.0 - top1}
+        metrics = {"test": test, "images_per_second": 100.0 + number, "num_parameters": 1000, "overrides": overrides}
+        (job / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_summary_groups_seeds_per_point_and_plots_categories_in_grid_order(tmp_path: Path) -> None:
+    top1 = {("none", "1"): [0.5, 0.7], ("learned", "1"): [0.6, 0.64], ("none", "2"): [0.2], ("learned", "2"): [0.3]}
+    number = 0
+    for (encoding, iterations), values in top1.items():
+        for seed, value in enumerate(values):
+            overrides = [f"model.position_encoding={encoding}", f"model.num_iterations={iterations}", f"seed={seed}"]
+            write_job(tmp_path, number, overrides, value)
+            number += 1
+    write_job(tmp_path, number, ["model.position_encoding=none", "model.num_iterations=2", "seed=1"], None)
+
+    summary = summarize(tmp_path)  # no multirun.yaml: the keys are the ones that vary
+    assert summary.keys == ["model.position_encoding", "model.num_iterations"]
+    assert summary.axis == "model.position_encoding"
+    assert [job.status for job in summary.jobs] == ["finished"] * 6 + ["incomplete"]
+    for row in summary.rows:
+        values = top1[(row["model.position_encoding"], row["model.num_iterations"])]
+        assert row["n"] == len(values)
+        assert row["top1_mean"] == pytest.approx(statistics.mean(values))
+        assert row["top1_std"] == pytest.approx(statistics.stdev(values) if len(values) > 1 else 0.0)
+        assert row["loss_mean"] == pytest.approx(statistics.mean(1.0 - v for v in values))
+
+    data = plot_data(summary)
+    assert data.ticks == {"none": 0, "learned": 1} and not data.numeric
+    assert data.lines["num_iterations=1"] == [
+        (0, pytest.approx(0.6), pytest.approx(0.1414, abs=1e-4)),
+        (1, 0.62, pytest.approx(0.0283, abs=1e-4)),
+    ]
+    assert [x for x, _, _ in data.lines["num_iterations=2"]] == [0, 1]
+    table = markdown_table(summary).splitlines()
+    assert table[0] == "| position_encoding | num_iterations | n | top-1 | top-5 | loss | params |"
+    assert table[2].startswith("| none | 1 | 2 | 0.6000 ± 0.1414 |")
+    files = write_summary(summary)
+    assert files["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_numeric_axes_are_sorted_by_value() -> None:
+    rows = [{"model.latent_dim": v, "n": 1, "top1_mean": 0.1, "top1_std": 0.0} for v in ("512", "32", "128")]
+    summary = Summary(Path("sweep"), [], ["model.latent_dim"], "model.latent_dim", rows)
+    data = plot_data(summary)
+    assert data.numeric and list(data.ticks) == ["32", "128", "512"]
+    assert [x for x, _, _ in data.lines[""]] == [32, 128, 512]
 
 
 # --- skipping finished jobs --------------------------------------------------------------------------
