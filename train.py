@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from perceiver.checkpoint import CheckpointError, TrainingInterrupted, carried_overrides, locate, resumed_config
 from perceiver.data import DataError, DataSource, Splits, make_loader, prepare_splits
 from perceiver.engine import TrainSettings, configure_determinism, evaluate, fit, resolve_device
 from perceiver.tracking import resolve_mode
@@ -169,8 +170,22 @@ def make_loaders(splits: Splits, parts: Parts, seed: int) -> tuple[Any, Any, Any
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Build, fit, test; returns what it writes to metrics.json."""
+    """Build, fit, test; returns what it writes to metrics.json. With `resume` (a run dir or checkpoint, or
+    `auto` for one in this run dir) it continues that run in its directory; a finished run is only reported."""
     run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
+    resume = locate(cfg.get("resume"), run_dir)
+    if resume is not None and resume.finished is not None:
+        log.info(
+            "%s has finished already (test top1 %s); nothing to resume: start a new run with resume=null",
+            resume.run_dir,
+            resume.finished.get("test", {}).get("top1"),
+        )
+        return resume.finished
+    if resume is not None:
+        overrides = job_overrides() if HydraConfig.initialized() else None
+        cfg = resumed_config(resume.state["config"], cfg, overrides, resume.state["overrides"])
+        run_dir = resume.run_dir
+        log.info("resuming the run in %s from %s", run_dir, resume.path)
     seed_everything(cfg.seed)
     parts = build_parts(cfg)
     settings, device, model, augment = parts.settings, parts.device, parts.model, parts.augment
@@ -183,7 +198,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     splits = load_data(cfg, parts)
     train_loader, val_loader, test_loader = make_loaders(splits, parts, cfg.seed)
     wandb_config = {**resolved, "num_parameters": num_parameters, "overrides": job_overrides()}
-    tracker = build("logger", cfg.logger)(config=wandb_config, run_dir=run_dir)  # reports its own failures
+    run_id = resume.state["wandb_run_id"] if resume is not None else None
+    tracker = build("logger", cfg.logger)(config=wandb_config, run_dir=run_dir, run_id=run_id)  # reports its failures
     exit_code = 1
     try:
         result = fit(
@@ -198,6 +214,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             splits.num_classes,
             tracker=tracker,
             config=resolved,
+            resume=resume.state if resume is not None else None,
+            overrides=carried_overrides(resume.state["overrides"], job_overrides()) if resume else job_overrides(),
         )
         test = evaluate(model, augment, test_loader, device, settings.precision, splits.num_classes)
         metrics = {
@@ -232,6 +250,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         )
         exit_code = 0
         return metrics
+    except TrainingInterrupted as stopped:
+        exit_code = stopped.exit_code
+        raise
     finally:
         tracker.finish(exit_code=exit_code)
 
@@ -241,9 +262,15 @@ def main(cfg: DictConfig) -> float:
     """Returns the test top-1, so Hydra sweepers can optimise it."""
     try:
         return train(cfg)["test"]["top1"]
-    except ConfigError as error:
+    except (ConfigError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingInterrupted as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
+    except FloatingPointError as error:  # a non-finite loss, after saving the last good state
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -338,8 +338,23 @@ def prepare_splits(
 # ----------------------------------------------------------------------------- loaders
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed of its own for each (run seed, epoch): an epoch's order does not depend on the epochs before it,
+    so a run resumed at any epoch sees the batches an uninterrupted run would."""
+    return int(np.random.SeedSequence([seed % 2**64, epoch]).generate_state(1)[0])
+
+
+def epoch_order(count: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
+    if not shuffle:
+        return torch.arange(count)
+    return torch.randperm(count, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+
+
 class DeviceBatches:
-    """Batches sliced from a device-resident ArrayDataset; no workers, no per-sample Python."""
+    """Batches sliced from a device-resident ArrayDataset; no workers, no per-sample Python.
+
+    Each pass serves the next epoch (from 1) unless `set_epoch` picks one, and a part of one, to serve.
+    """
 
     def __init__(
         self,
@@ -355,19 +370,54 @@ class DeviceBatches:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.epoch, self.start_batch = 1, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next pass serves `epoch`'s batches from `start_batch` on (a resumed run skips those done)."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
+        """Batches in a whole epoch."""
         count = len(self.labels)
         return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        count = len(self.labels)
-        order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
-        order = order.to(self.images.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        order = epoch_order(len(self.labels), self.shuffle, self.seed, self.epoch).to(self.images.device)
+        first = self.start_batch
+        self.epoch, self.start_batch = self.epoch + 1, 0
+        for start in range(first * self.batch_size, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
             yield self.images[index], self.labels[index]
+
+
+class EpochSampler(Sampler[int]):
+    """DataLoader indices in a per-epoch seeded order, like DeviceBatches: each pass serves the next epoch
+    unless `set_epoch` picks one, from a start index on. Its length is always a whole epoch's."""
+
+    def __init__(self, size: int, shuffle: bool, seed: int) -> None:
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.epoch, self.start = 1, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        order = epoch_order(self.size, self.shuffle, self.seed, self.epoch)
+        first = self.start
+        self.epoch, self.start = self.epoch + 1, 0
+        yield from order[first:].tolist()
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader over an EpochSampler that can serve a given epoch from a given batch (resuming)."""
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
+        self.generator.manual_seed(epoch_seed(self.sampler.seed + 1, epoch))  # worker seeds, per epoch
 
 
 class TransformedDataset(Dataset):
@@ -400,10 +450,10 @@ def make_loader(
         return DeviceBatches(dataset, batch_size, device, shuffle, drop_last, seed)
     if sample_transform is not None:
         dataset = TransformedDataset(dataset, sample_transform)
-    return DataLoader(
+    return EpochDataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochSampler(len(dataset), shuffle, seed),
         drop_last=drop_last,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
