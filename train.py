@@ -186,6 +186,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         cfg = resumed_config(resume.state["config"], cfg, overrides, resume.state["overrides"])
         run_dir = resume.run_dir
         log.info("resuming the run in %s from %s", run_dir, resume.path)
+    check_run_settings(cfg)  # the seed is used next
     seed_everything(cfg.seed)
     parts = build_parts(cfg)
     settings, device, model, augment = parts.settings, parts.device, parts.model, parts.augment
