@@ -181,9 +181,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             resume.finished.get("test", {}).get("top1"),
         )
         return resume.finished
+    overrides = job_overrides()
     if resume is not None:
-        overrides = job_overrides() if HydraConfig.initialized() else None
-        cfg = resumed_config(resume.state["config"], cfg, overrides, resume.state["overrides"])
+        command = overrides if HydraConfig.initialized() else None
+        cfg = resumed_config(resume.state["config"], cfg, command, resume.state["overrides"])
+        overrides = carried_overrides(resume.state["overrides"], overrides)  # the original run's, then these
         run_dir = resume.run_dir
         log.info("resuming the run in %s from %s", run_dir, resume.path)
     check_run_settings(cfg)  # the seed is used next
@@ -198,7 +200,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
 
     splits = load_data(cfg, parts)
     train_loader, val_loader, test_loader = make_loaders(splits, parts, cfg.seed)
-    wandb_config = {**resolved, "num_parameters": num_parameters, "overrides": job_overrides()}
+    wandb_config = {**resolved, "num_parameters": num_parameters, "overrides": overrides}
     run_id = resume.state["wandb_run_id"] if resume is not None else None
     tracker = build("logger", cfg.logger)(config=wandb_config, run_dir=run_dir, run_id=run_id)  # reports its failures
     exit_code = 1
@@ -216,7 +218,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             tracker=tracker,
             config=resolved,
             resume=resume.state if resume is not None else None,
-            overrides=carried_overrides(resume.state["overrides"], job_overrides()) if resume else job_overrides(),
+            overrides=overrides,
         )
         test = evaluate(model, augment, test_loader, device, settings.precision, splits.num_classes)
         metrics = {
@@ -230,7 +232,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             "num_parameters": num_parameters,
             "device": str(device),
             "wandb_run_id": tracker.run_id,
-            "overrides": job_overrides(),
+            "overrides": overrides,
             "settings": resolved,
             "history": result.history,
         }

@@ -119,7 +119,9 @@ def test_sigterm_saves_at_the_next_step_and_resume_continues_the_wandb_run(
 
     resume(run_dir)
     assert comparable(run_dir) == uninterrupted
-    run_id = json.loads((run_dir / "metrics.json").read_text())["wandb_run_id"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["overrides"][: len(SETTINGS)] == SETTINGS  # the original run's overrides are kept
+    run_id = metrics["wandb_run_id"]
     first, second = (read_offline_run(f) for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")))
     assert first.run_id == second.run_id == run_id  # one W&B run, continued
     assert first.exit_code == 128 + signal.SIGTERM and second.exit_code == 0
