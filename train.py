@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from perceiver.checkpoint import CheckpointError, TrainingInterrupted, carried_overrides, locate, resumed_config
 from perceiver.data import DataError, DataSource, Splits, make_loader, prepare_splits
 from perceiver.engine import TrainSettings, configure_determinism, evaluate, fit, resolve_device
 from perceiver.sweeps import run_name, run_tags, swept_keys
@@ -213,10 +214,27 @@ def make_loaders(splits: Splits, parts: Parts, seed: int) -> tuple[Any, Any, Any
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Build, fit, test; returns what it writes to metrics.json."""
+    """Build, fit, test; returns what it writes to metrics.json. With `resume` (a run dir or checkpoint, or
+    `auto` for one in this run dir) it continues that run in its directory; a finished run is only reported."""
     run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
     if (finished := finished_metrics(cfg, run_dir)) is not None:
         return finished
+    resume = locate(cfg.get("resume"), run_dir)
+    if resume is not None and resume.finished is not None:
+        log.info(
+            "%s has finished already (test top1 %s); nothing to resume: start a new run with resume=null",
+            resume.run_dir,
+            resume.finished.get("test", {}).get("top1"),
+        )
+        return resume.finished
+    overrides = job_overrides()
+    if resume is not None:
+        command = overrides if HydraConfig.initialized() else None
+        cfg = resumed_config(resume.state["config"], cfg, command, resume.state["overrides"])
+        overrides = carried_overrides(resume.state["overrides"], overrides)  # the original run's, then these
+        run_dir = resume.run_dir
+        log.info("resuming the run in %s from %s", run_dir, resume.path)
+    check_run_settings(cfg)  # the seed is used next
     seed_everything(cfg.seed)
     parts = build_parts(cfg)
     settings, device, model, augment = parts.settings, parts.device, parts.model, parts.augment
@@ -230,8 +248,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     train_loader, val_loader, test_loader = make_loaders(splits, parts, cfg.seed)
     identity = tracking_identity(cfg)
     job_number = HydraConfig.get().job.num if in_sweep() else None
-    wandb_config = {**resolved, "num_parameters": num_parameters, "overrides": job_overrides(), "job_num": job_number}
-    tracker = build("logger", cfg.logger)(config=wandb_config, run_dir=run_dir, **identity)  # reports its failures
+    wandb_config = {**resolved, "num_parameters": num_parameters, "overrides": overrides, "job_num": job_number}
+    run_id = resume.state["wandb_run_id"] if resume is not None else None
+    tracker = build("logger", cfg.logger)(config=wandb_config, run_dir=run_dir, run_id=run_id, **identity)
     exit_code = 1
     try:
         result = fit(
@@ -246,6 +265,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             splits.num_classes,
             tracker=tracker,
             config=resolved,
+            resume=resume.state if resume is not None else None,
+            overrides=overrides,
         )
         test = evaluate(model, augment, test_loader, device, settings.precision, splits.num_classes)
         metrics = {
@@ -261,7 +282,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             "wandb_run_id": tracker.run_id,
             "wandb_group": identity["group"],
             "job_num": job_number,
-            "overrides": job_overrides(),
+            "overrides": overrides,
             "settings": resolved,
             "history": result.history,
         }
@@ -283,6 +304,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         )
         exit_code = 0
         return metrics
+    except TrainingInterrupted as stopped:
+        exit_code = stopped.exit_code
+        raise
     finally:
         tracker.finish(exit_code=exit_code)
 
@@ -296,14 +320,20 @@ def main(cfg: DictConfig) -> float:
     """
     try:
         return train(cfg)["test"]["top1"]
+    except TrainingInterrupted as stopped:  # SIGTERM/SIGINT: a checkpoint was saved; stop (the whole sweep too)
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
     except Exception as error:
         record_failure(run_directory(cfg), error)
         if in_sweep():
             log.error("job failed: %s: %s (the sweep goes on; see error.txt)", type(error).__name__, error)
             raise
-        if isinstance(error, ConfigError):
+        if isinstance(error, ConfigError | CheckpointError):
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+        if isinstance(error, FloatingPointError):  # a non-finite loss, after saving the last good state
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
         raise
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 class DataError(RuntimeError):
@@ -183,11 +185,76 @@ class SyntheticSource:
         return ArrayDataset((images.clamp(0, 1) * 255).round().to(torch.uint8), labels)
 
 
+BAD_FILE_POLICIES = ("error", "skip")
+
+
+def _is_readable_image(path: Path) -> bool:
+    """PIL recognises the file and its structure checks out (`verify` reads it without decoding)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for broken files
+        return False
+    return True
+
+
+@dataclass
+class FolderScan:
+    """What a class-folder tree holds: usable images per class, and what cannot be used."""
+
+    images: dict[str, list[str]]  # class name -> image paths, for classes that have any
+    not_images: list[Path]  # files without an image extension
+    unreadable: list[Path]  # image extension, but PIL cannot read them
+    empty_classes: list[Path]  # class folders without one usable image
+
+    def problems(self, limit: int = 10) -> str:
+        lines = []
+        for what, paths in (
+            ("not image files", self.not_images),
+            ("unreadable images", self.unreadable),
+            ("class folders without images", self.empty_classes),
+        ):
+            if paths:
+                more = f" ... and {len(paths) - limit} more" if len(paths) > limit else ""
+                lines.append(f"  {what} ({len(paths)}): {', '.join(str(p) for p in paths[:limit])}{more}")
+        return "\n".join(lines)
+
+
+def scan_image_folder(folder: Path) -> FolderScan:
+    """Check every file below `folder/<class>/` once, before training, so a bad file is named up front
+    instead of failing a DataLoader worker hours in. Hidden files (.DS_Store, ...) are ignored."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    files: dict[str, list[Path]] = {}
+    for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+        found = (p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files[class_dir.name] = sorted(found)
+    candidates = [p for paths in files.values() for p in paths if p.suffix.lower() in IMG_EXTENSIONS]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # file reads: threads overlap the waiting
+        readable = dict(zip(candidates, pool.map(_is_readable_image, candidates), strict=True))
+    scan = FolderScan({}, [], [], [])
+    for name, paths in files.items():
+        good = [str(p) for p in paths if readable.get(p)]
+        scan.not_images += [p for p in paths if p not in readable]
+        scan.unreadable += [p for p in paths if readable.get(p) is False]
+        if good:
+            scan.images[name] = good
+        else:
+            scan.empty_classes.append(folder / name)
+    return scan
+
+
 class ImageFolderSource:
     """A user's folder of class subfolders (`path/<class>/<image>`), read lazily with torchvision.
 
     Images are decoded and resized to `image_size` x `image_size` in DataLoader workers. Without a
-    `test_path`, a seeded `test_fraction` of the images is held out as the test set.
+    `test_path`, a seeded `test_fraction` of the images is held out as the test set. Every file is
+    checked up front: non-image or unreadable files and classes without images are an error listing
+    them, or with `bad_files=skip` are left out (with a warning that counts them).
     """
 
     def __init__(
@@ -197,14 +264,19 @@ class ImageFolderSource:
         test_path: str | None = None,
         test_fraction: float = 0.1,
         seed: int = 0,
+        bad_files: str = "error",
     ) -> None:
+        if bad_files not in BAD_FILE_POLICIES:
+            raise ValueError(f"bad_files={bad_files!r} is invalid: choose one of {', '.join(BAD_FILE_POLICIES)}")
         self.path = Path(os.path.expanduser(str(path)))
         self.test_path = Path(os.path.expanduser(str(test_path))) if test_path else None
         self.image_size = image_size
         self.test_fraction = test_fraction
         self.seed = seed
+        self.bad_files = bad_files
+        self.scans: dict[str, FolderScan] = {}
         self.check()
-        self.classes = sorted(d.name for d in self.path.iterdir() if d.is_dir())
+        self.classes = sorted(self.scans["data.source.path"].images)
         self.num_classes = len(self.classes)
 
     @property
@@ -224,17 +296,41 @@ class ImageFolderSource:
                 raise DataError(
                     f"{field}={str(folder)!r} has no class subfolders; expected {folder}/<class name>/<image files>"
                 )
+            if field not in self.scans:
+                self.scans[field] = self._scan(field, folder)
+
+    def _scan(self, field: str, folder: Path) -> FolderScan:
+        scan = scan_image_folder(folder)
+        problems = scan.problems()
+        if problems and self.bad_files == "error":
+            raise DataError(
+                f"{field}={str(folder)!r} holds files or folders that cannot be used:\n{problems}\n"
+                "  Fix: remove or move them, or set data.source.bad_files=skip to leave them out"
+            )
+        if problems:
+            skipped = len(scan.not_images) + len(scan.unreadable)
+            log.warning(
+                "%s=%s: skipping %d non-image or unreadable file(s) and %d class folder(s) without images "
+                "(data.source.bad_files=skip):\n%s",
+                field,
+                folder,
+                skipped,
+                len(scan.empty_classes),
+                problems,
+            )
+        if not scan.images:
+            raise DataError(f"{field}={str(folder)!r} has no readable images in its class subfolders")
+        return scan
 
     def load(self) -> tuple[Dataset, Dataset]:
         from torchvision import transforms
-        from torchvision.datasets import ImageFolder
 
         transform = transforms.Compose(
             [transforms.Resize((self.image_size, self.image_size)), transforms.PILToTensor()]
         )
-        full = ImageFolder(str(self.path), transform=transform)
+        full = ScannedImages(self.scans["data.source.path"], transform)
         if self.test_path is not None:
-            test = ImageFolder(str(self.test_path), transform=transform)
+            test = ScannedImages(self.scans["data.source.test_path"], transform)
             if test.classes != full.classes:
                 raise DataError(
                     f"data.source.test_path classes {test.classes} differ from data.source.path classes {full.classes}"
@@ -242,6 +338,30 @@ class ImageFolderSource:
             return full, test
         keep, held_out = split_indices(len(full), self.test_fraction, self.seed)
         return Subset(full, keep.tolist()), Subset(full, held_out.tolist())
+
+
+class ScannedImages(Dataset):
+    """The usable images of a scanned class-folder tree as (transformed RGB image, class index) pairs, in
+    ImageFolder's order (classes sorted, files sorted within each)."""
+
+    def __init__(self, scan: FolderScan, transform: Callable) -> None:
+        self.classes = sorted(scan.images)
+        self.samples = [(path, label) for label, name in enumerate(self.classes) for path in scan.images[name]]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except Exception as error:  # passed the scan, but its pixel data is damaged
+            raise DataError(f"{path} could not be decoded ({error}); remove or replace it") from error
+        return self.transform(rgb), label
 
 
 # ----------------------------------------------------------------------------- splits and statistics
@@ -338,8 +458,23 @@ def prepare_splits(
 # ----------------------------------------------------------------------------- loaders
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed of its own for each (run seed, epoch): an epoch's order does not depend on the epochs before it,
+    so a run resumed at any epoch sees the batches an uninterrupted run would."""
+    return int(np.random.SeedSequence([seed % 2**64, epoch]).generate_state(1)[0])
+
+
+def epoch_order(count: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
+    if not shuffle:
+        return torch.arange(count)
+    return torch.randperm(count, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+
+
 class DeviceBatches:
-    """Batches sliced from a device-resident ArrayDataset; no workers, no per-sample Python."""
+    """Batches sliced from a device-resident ArrayDataset; no workers, no per-sample Python.
+
+    Each pass serves the next epoch (from 1) unless `set_epoch` picks one, and a part of one, to serve.
+    """
 
     def __init__(
         self,
@@ -355,19 +490,54 @@ class DeviceBatches:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.epoch, self.start_batch = 1, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next pass serves `epoch`'s batches from `start_batch` on (a resumed run skips those done)."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
+        """Batches in a whole epoch."""
         count = len(self.labels)
         return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        count = len(self.labels)
-        order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
-        order = order.to(self.images.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        order = epoch_order(len(self.labels), self.shuffle, self.seed, self.epoch).to(self.images.device)
+        first = self.start_batch
+        self.epoch, self.start_batch = self.epoch + 1, 0
+        for start in range(first * self.batch_size, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
             yield self.images[index], self.labels[index]
+
+
+class EpochSampler(Sampler[int]):
+    """DataLoader indices in a per-epoch seeded order, like DeviceBatches: each pass serves the next epoch
+    unless `set_epoch` picks one, from a start index on. Its length is always a whole epoch's."""
+
+    def __init__(self, size: int, shuffle: bool, seed: int) -> None:
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.epoch, self.start = 1, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        order = epoch_order(self.size, self.shuffle, self.seed, self.epoch)
+        first = self.start
+        self.epoch, self.start = self.epoch + 1, 0
+        yield from order[first:].tolist()
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader over an EpochSampler that can serve a given epoch from a given batch (resuming)."""
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
+        self.generator.manual_seed(epoch_seed(self.sampler.seed + 1, epoch))  # worker seeds, per epoch
 
 
 class TransformedDataset(Dataset):
@@ -400,10 +570,10 @@ def make_loader(
         return DeviceBatches(dataset, batch_size, device, shuffle, drop_last, seed)
     if sample_transform is not None:
         dataset = TransformedDataset(dataset, sample_transform)
-    return DataLoader(
+    return EpochDataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochSampler(len(dataset), shuffle, seed),
         drop_last=drop_last,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,23 @@ from torch import nn
 from tqdm import tqdm
 
 from perceiver.augment import BatchAugment
+from perceiver.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from perceiver.checkpoint import VERSION as CHECKPOINT_VERSION
+from perceiver.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    StopSignals,
+    TrainingInterrupted,
+    restore_rng,
+    rng_states,
+    save_atomic,
+)
 from perceiver.tracking import NullTracker
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+NONFINITE_POLICIES = ("error", "skip")
 
 
 @dataclass
@@ -46,12 +59,24 @@ class TrainSettings:
     log_every_n_steps: int = 50
     deterministic: bool = False
     save_checkpoints: bool = True
+    checkpoint_every_n_steps: int | None = None
+    keep_checkpoints: int = 2
+    nonfinite_loss: str = "error"
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "log_every_n_steps"):
+        for name in ("epochs", "batch_size", "log_every_n_steps", "keep_checkpoints"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"trainer.{name}={value!r} is invalid: it must be a positive integer")
+        every = self.checkpoint_every_n_steps
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every <= 0):
+            raise ValueError(
+                f"trainer.checkpoint_every_n_steps={every!r} is invalid: "
+                "a positive integer, or null to save at epoch ends only"
+            )
+        if self.nonfinite_loss not in NONFINITE_POLICIES:
+            choices = ", ".join(NONFINITE_POLICIES)
+            raise ValueError(f"trainer.nonfinite_loss={self.nonfinite_loss!r} is invalid: choose one of {choices}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"trainer.num_workers={self.num_workers!r} is invalid: it must be an integer >= 0")
         patience = self.early_stopping_patience
@@ -112,6 +137,15 @@ class RunningMetrics:
         self.top_k = min(5, num_classes)
         self.sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, top-1 hits, top-5 hits
         self.count = 0
+        self.skipped = 0  # training steps skipped for a non-finite loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """A part-done epoch's sums, so a run resumed mid-epoch reports the same epoch metrics."""
+        return {"sums": self.sums.cpu(), "count": self.count, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums = state["sums"].to(self.sums.device)
+        self.count, self.skipped = state["count"], state["skipped"]
 
     @torch.no_grad()
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -159,6 +193,21 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.patience is not None and self.epochs_without_improvement >= self.patience
 
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("best_loss", "best_epoch", "epochs_without_improvement")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite (trainer.nonfinite_loss=error); the message says where."""
+
+    def __init__(self, message: str, batch: int, value: float) -> None:
+        super().__init__(message)
+        self.batch, self.value = batch, value
+
 
 def step_scheduler(scheduler: Any, epochs_done: int, val_loss: float) -> None:
     """Advance an epoch-wise scheduler: torch's ReduceLROnPlateau reads the validation loss, timm's
@@ -185,6 +234,26 @@ def steady_throughput(history: list[dict[str, float]]) -> float:
 
 
 @dataclass
+class EpochProgress:
+    """A part-done epoch: its metric sums and training time, which a mid-epoch checkpoint must carry."""
+
+    epoch: int
+    metrics: RunningMetrics
+    seconds_before: float = 0.0  # training time spent on this epoch before a resume
+    started: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metrics": self.metrics.state_dict(), "seconds": self.seconds()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.metrics.load_state_dict(state["metrics"])
+        self.seconds_before = state["seconds"]
+
+
+@dataclass
 class FitResult:
     best_epoch: int
     best_val: dict[str, float]
@@ -193,6 +262,15 @@ class FitResult:
     images_per_second: float
     train_seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def epoch_batches(loader: Iterable, epoch: int, start_batch: int) -> Iterable:
+    """`loader`'s batches of `epoch` from `start_batch` on. Our loaders (`set_epoch`) draw each epoch's order
+    from (seed, epoch) and seek without reading; any other iterable is advanced past the batches done."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch, start_batch)
+        return loader
+    return itertools.islice(loader, start_batch, None) if start_batch else loader
 
 
 def train_one_epoch(
@@ -205,30 +283,62 @@ def train_one_epoch(
     device: torch.device,
     num_classes: int,
     description: str,
-) -> tuple[dict[str, float], int]:
+    metrics: RunningMetrics | None = None,
+    start_batch: int = 0,
+    after_step: Callable[[int], None] | None = None,
+) -> RunningMetrics:
+    """One pass over `loader` (positioned by the caller; `start_batch` batches were done before a resume).
+
+    The loss is checked before each update, one host sync per step, so that no NaN ever reaches the
+    weights: NonFiniteLossError, or with `trainer.nonfinite_loss=skip` the step is skipped and counted.
+    `after_step(batch)` runs at every step boundary (checkpoints, stop requests).
+    """
     model.train()
-    metrics = RunningMetrics(device, num_classes)
-    images_seen = 0
-    bar = tqdm(loader, desc=description, leave=False, disable=not settings.progress_bar, dynamic_ncols=True)
-    for step, (images, labels) in enumerate(bar, start=1):
+    metrics = metrics or RunningMetrics(device, num_classes)
+    total = len(loader) if hasattr(loader, "__len__") else None  # ours: the whole epoch
+    bar = tqdm(
+        loader,
+        desc=description,
+        leave=False,
+        disable=not settings.progress_bar,
+        dynamic_ncols=True,
+        initial=start_batch,
+        total=total,
+    )
+    for batch, (images, labels) in enumerate(bar, start=start_batch + 1):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         inputs, targets = augment(images, labels)
         with autocast(device, settings.precision):
             logits = model(inputs)
         loss = classification_loss(logits, targets, augment.loss_label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if settings.grad_clip_norm:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        metrics.update(loss, logits, labels)
-        images_seen += labels.shape[0]
-        if settings.progress_bar and step % settings.log_every_n_steps == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")  # one sync per log interval, never per step
-    return metrics.compute(), images_seen
+        if not torch.isfinite(loss):
+            if settings.nonfinite_loss == "error":
+                value = loss.item()
+                raise NonFiniteLossError(f"non-finite training loss ({value}) at batch {batch}", batch, value)
+            metrics.skipped += 1
+            if metrics.skipped == 1:
+                log.warning(
+                    "%s, batch %d: non-finite loss (%s), step skipped (trainer.nonfinite_loss=skip); "
+                    "this epoch's skips are counted in train/skipped_steps",
+                    description,
+                    batch,
+                    loss.item(),
+                )
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if settings.grad_clip_norm:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            metrics.update(loss, logits, labels)
+            if settings.progress_bar and batch % settings.log_every_n_steps == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")  # one sync per log interval, never per step
+        if after_step is not None:
+            after_step(batch)
+    return metrics
 
 
 @torch.no_grad()
@@ -252,11 +362,26 @@ def evaluate(
     return metrics.compute()
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file, then rename: a crash mid-write leaves the old checkpoint intact."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(state, temporary)
-    temporary.replace(path)
+def restore_training(
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    stopper: EarlyStopping,
+) -> None:
+    """Load a checkpoint's model, optimizer, scheduler, loss scaler and early-stopping state."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        detail = " ".join(str(error).split())[:400]
+        raise CheckpointError(f"the checkpoint does not fit this model or optimizer: {detail}") from error
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:  # empty when saved without fp16 loss scaling
+        scaler.load_state_dict(state["scaler"])
+    stopper.load_state_dict(state["early_stopping"])
 
 
 def fit(
@@ -271,79 +396,174 @@ def fit(
     num_classes: int,
     tracker: Any = None,
     config: dict[str, Any] | None = None,
+    resume: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
 ) -> FitResult:
     """Train for up to `settings.epochs`, keep the weights with the lowest validation loss, and load
-    them into `model` before returning."""
+    them into `model` before returning.
+
+    A resumable checkpoint is saved every epoch (and every `checkpoint_every_n_steps`); `resume`, a
+    checkpoint's state, continues exactly where it was taken. SIGTERM/SIGINT save a checkpoint at the next
+    step boundary and raise TrainingInterrupted; a non-finite loss saves the last good state and raises
+    NonFiniteLossError (unless `nonfinite_loss=skip`).
+    """
     tracker = tracker or NullTracker()
+    run_dir = Path(run_dir)
     device = resolve_device(settings.device)
     step_model = torch.compile(model) if settings.compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
     stopper = EarlyStopping(settings.early_stopping_patience)
     best_state = copy.deepcopy(model.state_dict())
     history: list[dict[str, float]] = []
-    epoch = 0
-    for epoch in range(1, settings.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        started = time.perf_counter()
-        train, seen = train_one_epoch(
-            step_model,
-            augment,
-            train_loader,
-            optimizer,
-            scaler,
-            settings,
-            device,
-            num_classes,
-            f"epoch {epoch}/{settings.epochs}",
-        )
-        elapsed = time.perf_counter() - started  # `train` was read from the device: the epoch is done
-        val = evaluate(step_model, augment, val_loader, device, settings.precision, num_classes)
-        improved = stopper.update(val["loss"], epoch)
-        step_scheduler(scheduler, epoch, val["loss"])
-        row = {
-            "epoch": epoch,
-            **{f"train/{k}": v for k, v in train.items()},
-            **{f"val/{k}": v for k, v in val.items()},
-            "lr": lr,
-            "images_per_second": seen / elapsed,
-            "epoch_seconds": elapsed,
+    checkpointer = Checkpointer(run_dir, settings.keep_checkpoints) if settings.save_checkpoints else None
+    start_epoch, start_batch, step, progress = 1, 0, 0, None
+    if resume is not None:
+        restore_training(resume, model, optimizer, scheduler, scaler, stopper)
+        best_state = resume["best_model"]
+        history = list(resume["history"])
+        start_epoch, start_batch = resume["next_epoch"], resume["next_batch"]
+        step, progress = resume["global_step"], resume["epoch_progress"]
+        log.info("resuming at epoch %d, batch %d (step %d)", start_epoch, start_batch, step)
+    elif checkpointer is not None:
+        checkpointer.clear()
+    batches_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
+
+    def save(next_epoch: int, next_batch: int, epoch_progress: dict[str, Any] | None) -> Path | None:
+        """Everything needed to continue at (next_epoch, next_batch) as if nothing had happened."""
+        if checkpointer is None:
+            return None
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "epoch": next_epoch - 1,  # completed epochs
+            "next_epoch": next_epoch,
+            "next_batch": next_batch,
+            "global_step": step,
+            "epoch_progress": epoch_progress,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if hasattr(scheduler, "state_dict") else None,
+            "scaler": scaler.state_dict(),
+            "early_stopping": stopper.state_dict(),
+            "best_epoch": stopper.best_epoch,
+            "best_model": best_state,
+            "history": history,
+            "val": {k.removeprefix("val/"): v for k, v in history[-1].items() if k.startswith("val/")}
+            if history
+            else None,
+            "rng": rng_states(),
+            "config": config,
+            "overrides": list(overrides or []),
+            "wandb_run_id": tracker.run_id,
         }
-        history.append(row)
-        tracker.log(row, step=epoch)
-        log.info(
-            "epoch %3d  train loss %.4f top1 %.4f  val loss %.4f top1 %.4f top5 %.4f  lr %.2e  %.0f img/s%s",
-            epoch,
-            train["loss"],
-            train["top1"],
-            val["loss"],
-            val["top1"],
-            val["top5"],
-            lr,
-            seen / elapsed,
-            "  (best)" if improved else "",
-        )
-        if improved:
-            best_state = copy.deepcopy(model.state_dict())
-        if settings.save_checkpoints:
-            common = {"epoch": epoch, "val": val, "config": config}
-            if improved:
-                save_checkpoint(run_dir / "best.pt", {"model": best_state, **common})
-            save_checkpoint(
-                run_dir / "last.pt",
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if hasattr(scheduler, "state_dict") else None,
-                    "best_epoch": stopper.best_epoch,
-                    **common,
-                },
+        return checkpointer.save(state, step)
+
+    stop = StopSignals()
+    current = EpochProgress(start_epoch, RunningMetrics(device, num_classes))
+
+    def after_step(batch: int) -> None:
+        """At each step boundary: a checkpoint when one is due or a stop was requested; then stop if asked."""
+        nonlocal step
+        step += 1
+        every = settings.checkpoint_every_n_steps
+        due = every is not None and step % every == 0 and batch != batches_per_epoch  # the epoch end saves anyway
+        if stop.signum is None and not due:
+            return
+        path = save(current.epoch, batch, current.state_dict())
+        if stop.signum is not None:
+            raise TrainingInterrupted(stop.signum, current.epoch, step, path, run_dir)
+
+    if resume is not None:
+        restore_rng(resume["rng"])  # last, so that nothing above draws from them
+    with stop:
+        for epoch in range(start_epoch, settings.epochs + 1):
+            if stopper.should_stop:  # resumed after the epoch that stopped training
+                break
+            first_batch = start_batch if epoch == start_epoch else 0
+            current = EpochProgress(epoch, RunningMetrics(device, num_classes))
+            if first_batch and progress is not None:
+                current.load_state_dict(progress)
+            running = current.metrics
+            lr = optimizer.param_groups[0]["lr"]
+            try:
+                train_one_epoch(
+                    step_model,
+                    augment,
+                    epoch_batches(train_loader, epoch, first_batch),
+                    optimizer,
+                    scaler,
+                    settings,
+                    device,
+                    num_classes,
+                    f"epoch {epoch}/{settings.epochs}",
+                    metrics=running,
+                    start_batch=first_batch,
+                    after_step=after_step,
+                )
+            except NonFiniteLossError as error:
+                path = save(epoch, error.batch - 1, current.state_dict())
+                where = f"saved in {path}" if path else "not saved (trainer.save_checkpoints=false)"
+                raise NonFiniteLossError(
+                    f"the training loss became {error.value} at epoch {epoch}, step {step + 1} (batch {error.batch}"
+                    f"{f' of {batches_per_epoch}' if batches_per_epoch else ''}); the last good state is {where}. "
+                    "Lower optimizer.lr, set trainer.grad_clip_norm or use trainer.precision=fp32 and start again; "
+                    f"or skip such steps: python train.py resume={run_dir} trainer.nonfinite_loss=skip",
+                    error.batch,
+                    error.value,
+                ) from None
+            elapsed = current.seconds()  # `running` is read below: the epoch is done
+            if running.count == 0 and running.skipped:
+                raise NonFiniteLossError(
+                    f"every training step of epoch {epoch} had a non-finite loss ({running.skipped} skipped); "
+                    "lower optimizer.lr, set trainer.grad_clip_norm or use trainer.precision=fp32",
+                    0,
+                    math.nan,
+                )
+            train = running.compute()
+            val = evaluate(step_model, augment, val_loader, device, settings.precision, num_classes)
+            improved = stopper.update(val["loss"], epoch)
+            step_scheduler(scheduler, epoch, val["loss"])
+            row = {
+                "epoch": epoch,
+                **{f"train/{k}": v for k, v in train.items()},
+                "train/skipped_steps": running.skipped,
+                **{f"val/{k}": v for k, v in val.items()},
+                "lr": lr,
+                "images_per_second": running.count / elapsed,
+                "epoch_seconds": elapsed,
+            }
+            history.append(row)
+            log.info(
+                "epoch %3d  train loss %.4f top1 %.4f  val loss %.4f top1 %.4f top5 %.4f  lr %.2e  %.0f img/s%s%s",
+                epoch,
+                train["loss"],
+                train["top1"],
+                val["loss"],
+                val["top1"],
+                val["top5"],
+                lr,
+                running.count / elapsed,
+                "  (best)" if improved else "",
+                f"  ({running.skipped} steps skipped: non-finite loss)" if running.skipped else "",
             )
-        if stopper.should_stop:
-            log.info("early stopping: no lower validation loss for %d epochs", stopper.patience)
-            break
+            if improved:
+                best_state = copy.deepcopy(model.state_dict())
+            path = None
+            if checkpointer is not None:
+                if improved:
+                    best = {"model": best_state, "epoch": epoch, "val": val, "config": config}
+                    save_atomic(run_dir / "best.pt", best)
+                path = save(epoch + 1, 0, None)
+            tracker.log(row, step=epoch)  # after the checkpoint: a resumed run never logs an epoch twice
+            if stop.signum is not None:
+                raise TrainingInterrupted(stop.signum, epoch, step, path, run_dir)
+            if stopper.should_stop:
+                log.info("early stopping: no lower validation loss for %d epochs", stopper.patience)
+                break
     if stopper.best_epoch == 0:
         raise FloatingPointError(
-            f"the validation loss was never finite in {epoch} epochs (last: {history[-1]['val/loss']}); "
+            f"the validation loss was never finite in {len(history)} epochs "
+            f"(last: {history[-1]['val/loss'] if history else None}); "
             "lower optimizer.lr, set trainer.grad_clip_norm, or use trainer.precision=fp32"
         )
     model.load_state_dict(best_state)
@@ -351,7 +571,7 @@ def fit(
     return FitResult(
         best_epoch=stopper.best_epoch,
         best_val={k.removeprefix("val/"): v for k, v in best_val.items() if k.startswith("val/")},
-        epochs_run=epoch,
+        epochs_run=history[-1]["epoch"],
         stopped_early=stopper.should_stop,
         images_per_second=steady_throughput(history),
         train_seconds=sum(row["epoch_seconds"] for row in history),

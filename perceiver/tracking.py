@@ -1,7 +1,9 @@
 """Experiment tracking behind one small interface: Weights & Biases, or nothing.
 
-A tracking failure must never cost a training run: every W&B call is guarded, and after the first
-failure the tracker warns once and turns into a no-op.
+A tracking failure must never cost a training run: every W&B call is guarded. When an online run
+cannot start (no network, bad credentials) or fails mid-run, the tracker warns once and carries on with
+an offline run of the same id, whose local files `wandb sync` uploads later; if that fails too, it turns
+into a no-op (metrics.json still holds every epoch).
 """
 
 from __future__ import annotations
@@ -63,8 +65,15 @@ def resolve_mode(mode: str) -> str:
     return "online" if has_wandb_credentials() else "offline"
 
 
+def describe(error: BaseException) -> str:
+    """An exception as one short line: W&B's messages span lines and can be long."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
 class WandbTracker:
-    """One W&B run: resolved config, per-epoch curves, final metrics in the summary."""
+    """One W&B run: resolved config, per-epoch curves, final metrics in the summary. `run_id` continues
+    an earlier run (a resumed training run) instead of starting a new one."""
 
     def __init__(
         self,
@@ -79,32 +88,32 @@ class WandbTracker:
         tags: list[str] | None = None,
         notes: str | None = None,
         log_model: bool = False,
+        init_timeout: float = 60.0,
+        run_id: str | None = None,
     ) -> None:
         self.mode = resolve_mode(mode)
         self.log_model = log_model
+        self.init_timeout = init_timeout
         self.run = None
-        self.run_id: str | None = None
+        self.run_id: str | None = run_id
         if self.mode == "disabled":
             return
+        self._init_args = {
+            "project": project,
+            "entity": entity,
+            "group": group,
+            "job_type": job_type,
+            "name": name,
+            "tags": list(tags or []),
+            "notes": notes,
+            "config": config,
+            "dir": str(run_dir),
+        }
         try:
-            import wandb
-
-            self.run = wandb.init(
-                project=project,
-                entity=entity,
-                group=group,
-                job_type=job_type,
-                name=name,
-                tags=list(tags or []),
-                notes=notes,
-                config=config,
-                dir=str(run_dir),
-                mode=self.mode,
-                reinit="create_new",
-            )
+            self.run = self._start(self.mode)
             self.run_id = self.run.id
         except Exception as error:  # network, credentials, service: training goes on regardless
-            self._disable(f"could not start a W&B run ({type(error).__name__}: {error})")
+            self._fall_back(f"could not start a W&B run ({describe(error)})")
             return
         if self.mode == "offline":
             log.info(
@@ -112,9 +121,40 @@ class WandbTracker:
                 Path(self.run.dir).parent,
             )
 
+    def _start(self, mode: str) -> Any:
+        """`wandb.init`, continuing `self.run_id` when there is one; waits at most `init_timeout` seconds."""
+        import wandb
+
+        return wandb.init(
+            **self._init_args,
+            mode=mode,
+            id=self.run_id,
+            resume="allow" if self.run_id else None,
+            settings=wandb.Settings(init_timeout=self.init_timeout),
+            reinit="create_new",
+        )
+
     def _disable(self, reason: str) -> None:
         log.warning("W&B tracking is off for the rest of this run: %s. Training continues.", reason)
         self.run = None
+
+    def _fall_back(self, reason: str) -> None:
+        """An online run that failed goes on as an offline run of the same id; anything else turns tracking off."""
+        self.run = None  # a failed online run is dropped, not finished: finishing could wait on the network
+        if self.mode != "online":
+            self._disable(reason)
+            return
+        try:
+            self.run = self._start("offline")
+        except Exception as error:
+            self._disable(f"{reason}; an offline run failed too ({describe(error)})")
+            return
+        self.mode, self.run_id = "offline", self.run.id
+        log.warning(
+            "W&B: %s. Training continues; metrics go to an offline run, upload it later with: wandb sync %s",
+            reason,
+            Path(self.run.dir).parent,
+        )
 
     def _guarded(self, action: str, call) -> None:
         if self.run is None:
@@ -122,7 +162,9 @@ class WandbTracker:
         try:
             call()
         except Exception as error:
-            self._disable(f"{action} failed ({type(error).__name__}: {error})")
+            self._fall_back(f"{action} failed ({describe(error)})")
+            if self.run is not None:
+                self._guarded(action, call)  # once more, on the offline run
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         self._guarded("logging", lambda: self.run.log(metrics, step=step))

@@ -591,3 +591,33 @@ def test_image_folder_source_without_class_subfolders_is_a_data_error(tmp_path: 
     with pytest.raises(DataError, match="no class subfolders") as caught:
         ImageFolderSource(str(flat))
     assert str(flat) in str(caught.value)
+
+
+def test_image_folder_bad_files_and_empty_classes_are_listed_before_any_work(tmp_path: Path) -> None:
+    folder = write_image_folder(tmp_path / "images")
+    (folder / "cat" / "notes.txt").write_text("not an image")
+    (folder / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (folder / "cat" / ".DS_Store").write_bytes(b"\x00")  # hidden files are ignored
+    (folder / "yak").mkdir()
+    with pytest.raises(DataError) as caught:
+        ImageFolderSource(str(folder))
+    message = str(caught.value)
+    assert "not image files (1): " + str(folder / "cat" / "notes.txt") in message
+    assert "unreadable images (1): " + str(folder / "dog" / "broken.png") in message
+    assert "class folders without images (1): " + str(folder / "yak") in message
+    assert "data.source.bad_files=skip" in message and ".DS_Store" not in message
+
+
+def test_image_folder_skip_policy_leaves_bad_files_out_and_counts_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = write_image_folder(tmp_path / "images")
+    (folder / "cat" / "notes.txt").write_text("not an image")
+    (folder / "dog" / "broken.jpg").write_bytes(b"")
+    (folder / "yak").mkdir()
+    source = ImageFolderSource(str(folder), image_size=4, test_fraction=0.25, bad_files="skip")
+    assert source.classes == ["cat", "dog", "emu"] and source.num_classes == 3
+    assert "skipping 2 non-image or unreadable file(s) and 1 class folder(s) without images" in caplog.text
+    train, test = source.load()
+    assert len(train) + len(test) == 12
+    assert all(image.shape == (3, 4, 4) for image, _ in (train[i] for i in range(len(train))))

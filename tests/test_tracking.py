@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from perceiver.tracking import NullTracker, WandbTracker, has_wandb_credentials, resolve_mode
+from tests.conftest import REPO
 from tests.wandb_files import read_offline_run
 
 
@@ -95,3 +101,55 @@ def test_null_tracker_accepts_the_wandb_settings() -> None:
     tracker = NullTracker(config={}, run_dir=Path("."), mode="disabled", project="p")
     tracker.log({"a": 1}, step=1)
     tracker.finish()
+
+
+def test_a_wandb_failure_mid_run_goes_on_in_an_offline_run_of_the_same_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker = WandbTracker(config={}, run_dir=tmp_path, mode="disabled")
+    tracker.mode, tracker.run_id, tracker.run = "online", "brokenrun1", BrokenRun()
+    tracker._init_args = {"project": "perceiver", "config": {"seed": 1}, "dir": str(tmp_path)}
+    for epoch in (1, 2, 3):
+        tracker.log({"val/loss": 1.0 / epoch}, step=epoch)  # the first call fails, and is repeated offline
+    tracker.finish()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "service unavailable" in warnings[0] and "wandb sync" in warnings[0]
+    (run_file,) = tmp_path.glob("wandb/offline-run-*-brokenrun1/run-*.wandb")
+    run = read_offline_run(run_file)
+    assert run.run_id == "brokenrun1" and [row["val/loss"] for row in run.history] == [1.0, 0.5, 1 / 3]
+
+
+@pytest.mark.slow
+def test_unreachable_wandb_server_in_online_mode_trains_on_and_keeps_an_offline_run(tmp_path: Path) -> None:
+    """Online mode, a key, and a base URL where nothing listens: W&B cannot start, training must not care."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "experiment=cpu_smoke",
+            "trainer.epochs=2",
+            "data.source.num_train=200",
+            "logger.mode=online",
+            "logger.init_timeout=5",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert time.monotonic() - started < 120, "W&B's start-up wait is not bounded by logger.init_timeout"
+    warnings = re.findall(r"WARNING\] - W&B: .*", output)
+    assert len(warnings) == 1 and "127.0.0.1:9" in warnings[0] and "wandb sync" in warnings[0], output[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    recorded = read_offline_run(run_file)  # what `wandb sync` would upload
+    assert recorded.run_id == metrics["wandb_run_id"] and recorded.exit_code == 0
+    assert [row["epoch"] for row in recorded.history] == [1, 2]
+    assert recorded.summary["test/top1"] == pytest.approx(metrics["test"]["top1"])
