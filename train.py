@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -28,11 +29,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from perceiver import distributed
 from perceiver.checkpoint import CheckpointError, TrainingInterrupted, carried_overrides, locate, resumed_config
-from perceiver.data import DataError, DataSource, Splits, make_loader, prepare_splits
+from perceiver.data import DataError, DataSource, Shard, Splits, make_loader, prepare_splits
 from perceiver.engine import TrainSettings, configure_determinism, evaluate, fit, resolve_device
 from perceiver.sweeps import run_name, run_tags, swept_keys
-from perceiver.tracking import resolve_mode
+from perceiver.tracking import NullTracker, resolve_mode
 
 log = logging.getLogger("train")
 
@@ -111,7 +113,7 @@ def build_parts(cfg: DictConfig) -> Parts:
         raise ConfigError(f"unknown trainer setting(s) {', '.join(unknown)}; valid: {', '.join(known)}")
     try:
         settings = TrainSettings(**trainer)
-        device = resolve_device(settings.device)
+        device = distributed.rank_device(resolve_device(settings.device), distributed.current())
         resolve_mode(cfg.logger.get("mode", "disabled"))
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from error
@@ -126,6 +128,36 @@ def build_parts(cfg: DictConfig) -> Parts:
     optimizer = build("optimizer", cfg.optimizer, model)
     scheduler = build("scheduler", cfg.scheduler, optimizer)
     return Parts(settings, device, source, model, augment, optimizer, scheduler, num_classes)
+
+
+def join_process_group(cfg: DictConfig) -> distributed.Context:
+    """Under torchrun: join the process group (Gloo on CPU, NCCL on CUDA); otherwise a single process."""
+    try:
+        device = resolve_device(cfg.trainer.device)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from error
+    context = distributed.join(device)
+    if context.enabled:
+        if not context.is_main:
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports; the others only warn
+        log.info(
+            "distributed: %d ranks (%s); global batch = trainer.batch_size x %d = %d",
+            context.world_size,
+            "nccl" if device.type == "cuda" else "gloo",
+            context.world_size,
+            cfg.trainer.batch_size * context.world_size,
+        )
+    return context
+
+
+def shared_run_directory(run_dir: Path, context: distributed.Context) -> Path:
+    """Every rank works in rank 0's run dir; another rank's own Hydra dir (if its clock gave it another
+    name) holds nothing but Hydra's files and is removed."""
+    shared = Path(distributed.broadcast_object(str(run_dir)))
+    elsewhere = not context.is_main and shared.resolve() != run_dir.resolve()
+    if elsewhere and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return shared
 
 
 def run_directory(cfg: DictConfig) -> Path:
@@ -194,8 +226,11 @@ def load_data(cfg: DictConfig, parts: Parts) -> Splits:
     return splits
 
 
-def make_loaders(splits: Splits, parts: Parts, seed: int) -> tuple[Any, Any, Any]:
-    settings, device = parts.settings, parts.device
+def make_loaders(
+    splits: Splits, parts: Parts, seed: int, context: distributed.Context | None = None
+) -> tuple[Any, Any, Any]:
+    """Each rank gets its shard of every epoch: equal shares for training, all images for evaluation."""
+    settings, device, context = parts.settings, parts.device, context or distributed.Context()
     train_loader = make_loader(
         splits.train,
         settings.batch_size,
@@ -205,9 +240,16 @@ def make_loaders(splits: Splits, parts: Parts, seed: int) -> tuple[Any, Any, Any
         seed=seed,
         num_workers=settings.num_workers,
         sample_transform=parts.augment.sample_transform(),
+        shard=Shard(context.rank, context.world_size, even=True),
     )
     val_loader, test_loader = (
-        make_loader(split, settings.batch_size, device, num_workers=settings.num_workers)
+        make_loader(
+            split,
+            settings.batch_size,
+            device,
+            num_workers=settings.num_workers,
+            shard=Shard(context.rank, context.world_size, even=False),
+        )
         for split in (splits.val, splits.test)
     )
     return train_loader, val_loader, test_loader
@@ -217,6 +259,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Build, fit, test; returns what it writes to metrics.json. With `resume` (a run dir or checkpoint, or
     `auto` for one in this run dir) it continues that run in its directory; a finished run is only reported."""
     run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
+    context = join_process_group(cfg)
+    run_dir = shared_run_directory(run_dir, context)
     if (finished := finished_metrics(cfg, run_dir)) is not None:
         return finished
     resume = locate(cfg.get("resume"), run_dir)
@@ -238,19 +282,30 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     seed_everything(cfg.seed)
     parts = build_parts(cfg)
     settings, device, model, augment = parts.settings, parts.device, parts.model, parts.augment
+    if context.rank:  # same initial weights everywhere (DDP broadcasts rank 0's); own dropout and augmentation
+        torch.manual_seed(cfg.seed + context.rank)
     configure_determinism(settings.deterministic)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if context.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     num_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model: %s trainable parameters; device %s; run dir %s", f"{num_parameters:,}", device, run_dir)
 
+    if not context.is_main:
+        distributed.barrier()  # rank 0 downloads and caches the statistics first
     splits = load_data(cfg, parts)
-    train_loader, val_loader, test_loader = make_loaders(splits, parts, cfg.seed)
+    if context.is_main:
+        distributed.barrier()
+    train_loader, val_loader, test_loader = make_loaders(splits, parts, cfg.seed, context)
     identity = tracking_identity(cfg)
     job_number = HydraConfig.get().job.num if in_sweep() else None
     wandb_config = {**resolved, "num_parameters": num_parameters, "overrides": overrides, "job_num": job_number}
     run_id = resume.state["wandb_run_id"] if resume is not None else None
-    tracker = build("logger", cfg.logger)(config=wandb_config, run_dir=run_dir, run_id=run_id, **identity)
+    tracker = (
+        build("logger", cfg.logger)(config=wandb_config, run_dir=run_dir, run_id=run_id, **identity)
+        if context.is_main
+        else NullTracker()  # one W&B run per training run: rank 0's
+    )
     exit_code = 1
     try:
         result = fit(
@@ -293,7 +348,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         if settings.save_checkpoints:
             tracker.log_artifact(run_dir / "best.pt", name=f"model-{tracker.run_id}")
         tracker.finish(exit_code=0)
-        write_atomically(run_dir / "metrics.json", json.dumps(metrics, indent=2))  # last: the job is complete
+        if context.is_main:
+            write_atomically(run_dir / "metrics.json", json.dumps(metrics, indent=2))  # last: the job is complete
         log.info(
             "test: top1 %.4f top5 %.4f loss %.4f (best epoch %d) -> %s",
             test["top1"],
@@ -335,6 +391,8 @@ def main(cfg: DictConfig) -> float:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
         raise
+    finally:
+        distributed.leave()
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -346,7 +404,8 @@ def write_atomically(path: Path, text: str) -> None:
 
 def record_failure(run_dir: Path, error: BaseException) -> None:
     """`error.txt` in the run dir: the traceback, for the sweep summary and for whoever reads it later."""
-    (run_dir / "error.txt").write_text("".join(traceback.format_exception(error)))
+    if run_dir.is_dir():  # another rank's Hydra dir may be gone (shared_run_directory)
+        (run_dir / "error.txt").write_text("".join(traceback.format_exception(error)))
 
 
 if __name__ == "__main__":

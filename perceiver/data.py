@@ -470,6 +470,30 @@ def epoch_order(count: int, shuffle: bool, seed: int, epoch: int) -> torch.Tenso
     return torch.randperm(count, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This rank's share of every epoch: every `world_size`-th index of the epoch's order from `rank` on.
+
+    All ranks draw the same order, so the shards are disjoint, and global batch i (batch size x world
+    size) is exactly batch i of a single process with that batch size. `even` cuts every shard to the
+    same length (training: every rank must take the same number of steps); evaluation keeps every image.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    even: bool = True
+
+    def length(self, count: int) -> int:
+        if self.even:
+            return count // self.world_size
+        return len(range(self.rank, count, self.world_size))
+
+    def select(self, order: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return order
+        return order[self.rank :: self.world_size][: self.length(len(order))]
+
+
 class DeviceBatches:
     """Batches sliced from a device-resident ArrayDataset; no workers, no per-sample Python.
 
@@ -484,6 +508,7 @@ class DeviceBatches:
         shuffle: bool = False,
         drop_last: bool = False,
         seed: int = 0,
+        shard: Shard | None = None,
     ) -> None:
         self.images = dataset.images.to(device)
         self.labels = dataset.labels.to(device)
@@ -491,6 +516,7 @@ class DeviceBatches:
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.seed = seed
+        self.shard = shard or Shard()
         self.epoch, self.start_batch = 1, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -498,12 +524,13 @@ class DeviceBatches:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        """Batches in a whole epoch."""
-        count = len(self.labels)
+        """Batches in a whole epoch (of this rank's shard)."""
+        count = self.shard.length(len(self.labels))
         return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        order = epoch_order(len(self.labels), self.shuffle, self.seed, self.epoch).to(self.images.device)
+        order = self.shard.select(epoch_order(len(self.labels), self.shuffle, self.seed, self.epoch))
+        order = order.to(self.images.device)
         first = self.start_batch
         self.epoch, self.start_batch = self.epoch + 1, 0
         for start in range(first * self.batch_size, len(self) * self.batch_size, self.batch_size):
@@ -515,18 +542,18 @@ class EpochSampler(Sampler[int]):
     """DataLoader indices in a per-epoch seeded order, like DeviceBatches: each pass serves the next epoch
     unless `set_epoch` picks one, from a start index on. Its length is always a whole epoch's."""
 
-    def __init__(self, size: int, shuffle: bool, seed: int) -> None:
-        self.size, self.shuffle, self.seed = size, shuffle, seed
+    def __init__(self, size: int, shuffle: bool, seed: int, shard: Shard | None = None) -> None:
+        self.size, self.shuffle, self.seed, self.shard = size, shuffle, seed, shard or Shard()
         self.epoch, self.start = 1, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.size
+        return self.shard.length(self.size)
 
     def __iter__(self) -> Iterator[int]:
-        order = epoch_order(self.size, self.shuffle, self.seed, self.epoch)
+        order = self.shard.select(epoch_order(self.size, self.shuffle, self.seed, self.epoch))
         first = self.start
         self.epoch, self.start = self.epoch + 1, 0
         yield from order[first:].tolist()
@@ -564,16 +591,18 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 2,
     sample_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    shard: Shard | None = None,
 ):
-    """Device-resident batches for in-memory data; a DataLoader for folders and per-sample transforms."""
+    """Device-resident batches for in-memory data; a DataLoader for folders and per-sample transforms.
+    `shard`: this rank's part of every epoch in a distributed run."""
     if isinstance(dataset, ArrayDataset) and sample_transform is None:
-        return DeviceBatches(dataset, batch_size, device, shuffle, drop_last, seed)
+        return DeviceBatches(dataset, batch_size, device, shuffle, drop_last, seed, shard)
     if sample_transform is not None:
         dataset = TransformedDataset(dataset, sample_transform)
     return EpochDataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), shuffle, seed),
+        sampler=EpochSampler(len(dataset), shuffle, seed, shard),
         drop_last=drop_last,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",

@@ -12,6 +12,7 @@ import itertools
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from perceiver import distributed
 from perceiver.augment import BatchAugment
 from perceiver.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from perceiver.checkpoint import VERSION as CHECKPOINT_VERSION
@@ -138,14 +140,24 @@ class RunningMetrics:
         self.sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, top-1 hits, top-5 hits
         self.count = 0
         self.skipped = 0  # training steps skipped for a non-finite loss
+        self.total_count = 0  # images over all ranks, set by compute()
 
     def state_dict(self) -> dict[str, Any]:
-        """A part-done epoch's sums, so a run resumed mid-epoch reports the same epoch metrics."""
-        return {"sums": self.sums.cpu(), "count": self.count, "skipped": self.skipped}
+        """A part-done epoch's sums (over all ranks), so a run resumed mid-epoch reports the same metrics."""
+        totals = self.totals()
+        return {"sums": totals[:3].cpu(), "count": int(totals[3]), "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums = state["sums"].to(self.sums.device)
-        self.count, self.skipped = state["count"], state["skipped"]
+        """The saved sums are global: rank 0 carries them on, the other ranks start from zero."""
+        self.skipped = state["skipped"]
+        if distributed.current().is_main:
+            self.sums = state["sums"].to(self.sums.device)
+            self.count = state["count"]
+
+    def totals(self) -> torch.Tensor:
+        """Loss and hit sums and the image count, summed over ranks (one collective in a distributed run)."""
+        count = torch.tensor([self.count], dtype=self.sums.dtype, device=self.sums.device)
+        return distributed.all_reduce_sum(torch.cat([self.sums, count]))
 
     @torch.no_grad()
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -157,8 +169,10 @@ class RunningMetrics:
         self.count += n
 
     def compute(self) -> dict[str, float]:
-        loss, top1, top5 = self.sums.tolist()
-        n = max(self.count, 1)
+        """Global metrics: in a distributed run every rank gets the same all-reduced numbers."""
+        loss, top1, top5, count = self.totals().tolist()
+        self.total_count = int(count)
+        n = max(count, 1)
         return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
 
 
@@ -312,7 +326,7 @@ def train_one_epoch(
         with autocast(device, settings.precision):
             logits = model(inputs)
         loss = classification_loss(logits, targets, augment.loss_label_smoothing)
-        if not torch.isfinite(loss):
+        if distributed.any_rank(~torch.isfinite(loss)):  # all ranks skip or stop together
             if settings.nonfinite_loss == "error":
                 value = loss.item()
                 raise NonFiniteLossError(f"non-finite training loss ({value}) at batch {batch}", batch, value)
@@ -410,12 +424,16 @@ def fit(
     tracker = tracker or NullTracker()
     run_dir = Path(run_dir)
     device = resolve_device(settings.device)
-    step_model = torch.compile(model) if settings.compile else model
+    wrapped = distributed.wrap(model, device)  # DistributedDataParallel under torchrun
+    step_model = torch.compile(wrapped) if settings.compile else wrapped
+    # Evaluation runs on each rank's shard without gradient syncs; DDP's wrapper is for training steps.
+    eval_model = step_model if wrapped is model else (torch.compile(model) if settings.compile else model)
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
     stopper = EarlyStopping(settings.early_stopping_patience)
     best_state = copy.deepcopy(model.state_dict())
     history: list[dict[str, float]] = []
-    checkpointer = Checkpointer(run_dir, settings.keep_checkpoints) if settings.save_checkpoints else None
+    writes_files = settings.save_checkpoints and distributed.current().is_main  # rank 0 alone writes
+    checkpointer = Checkpointer(run_dir, settings.keep_checkpoints) if writes_files else None
     start_epoch, start_batch, step, progress = 1, 0, 0, None
     if resume is not None:
         restore_training(resume, model, optimizer, scheduler, scaler, stopper)
@@ -467,11 +485,12 @@ def fit(
         step += 1
         every = settings.checkpoint_every_n_steps
         due = every is not None and step % every == 0 and batch != batches_per_epoch  # the epoch end saves anyway
-        if stop.signum is None and not due:
+        stopping = distributed.any_rank(stop.signum is not None, device)  # every rank stops at the same step
+        if not stopping and not due:
             return
         path = save(current.epoch, batch, current.state_dict())
-        if stop.signum is not None:
-            raise TrainingInterrupted(stop.signum, current.epoch, step, path, run_dir)
+        if stopping:
+            raise TrainingInterrupted(stop.signum or signal.SIGTERM, current.epoch, step, path, run_dir)
 
     if resume is not None:
         restore_rng(resume["rng"])  # last, so that nothing above draws from them
@@ -520,7 +539,7 @@ def fit(
                     math.nan,
                 )
             train = running.compute()
-            val = evaluate(step_model, augment, val_loader, device, settings.precision, num_classes)
+            val = evaluate(eval_model, augment, val_loader, device, settings.precision, num_classes)
             improved = stopper.update(val["loss"], epoch)
             step_scheduler(scheduler, epoch, val["loss"])
             row = {
@@ -529,7 +548,7 @@ def fit(
                 "train/skipped_steps": running.skipped,
                 **{f"val/{k}": v for k, v in val.items()},
                 "lr": lr,
-                "images_per_second": running.count / elapsed,
+                "images_per_second": running.total_count / elapsed,  # all ranks together
                 "epoch_seconds": elapsed,
             }
             history.append(row)
@@ -542,7 +561,7 @@ def fit(
                 val["top1"],
                 val["top5"],
                 lr,
-                running.count / elapsed,
+                running.total_count / elapsed,
                 "  (best)" if improved else "",
                 f"  ({running.skipped} steps skipped: non-finite loss)" if running.skipped else "",
             )
@@ -555,8 +574,8 @@ def fit(
                     save_atomic(run_dir / "best.pt", best)
                 path = save(epoch + 1, 0, None)
             tracker.log(row, step=epoch)  # after the checkpoint: a resumed run never logs an epoch twice
-            if stop.signum is not None:
-                raise TrainingInterrupted(stop.signum, epoch, step, path, run_dir)
+            if distributed.any_rank(stop.signum is not None, device):
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, epoch, step, path, run_dir)
             if stopper.should_stop:
                 log.info("early stopping: no lower validation loss for %d epochs", stopper.patience)
                 break
