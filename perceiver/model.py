@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perceiver import checks
 from perceiver.permutation import FixedPermutation, check_permutation_arguments
 from perceiver.position import POSITION_ENCODINGS, PatchEncoder
 
@@ -310,27 +311,11 @@ def check_arguments(**args: object) -> None:
         "classifier_units",
         "fourier_num_bands",
     )
-    for name in positive:
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name}={value!r} is invalid: it must be a positive integer")
-    for name in ("dropout_rate", "attention_dropout_rate"):
-        value = args[name]
-        if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-            raise ValueError(f"{name}={value!r} is invalid: it must be a number in [0, 1)")
-    image_size, patch_size = args["image_size"], args["patch_size"]
-    if image_size % patch_size:
-        divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
-        raise ValueError(
-            f"image_size={image_size} is not divisible by patch_size={patch_size}: "
-            f"patches must tile the image; valid patch sizes for {image_size} are {divisors}"
-        )
+    checks.positive_integers(args, positive)
+    checks.rates(args, ("dropout_rate", "attention_dropout_rate"))
+    checks.patches_tile(args["image_size"], args["patch_size"])
     heads, width = args["cross_attention_heads"], args["projection_dim"]
-    if width % heads:
-        raise ValueError(
-            f"cross_attention_heads={heads} does not divide projection_dim={width}: the cross-attention "
-            f"splits projection_dim across its heads; choose a divisor of {width}"
-        )
+    checks.heads_divide("cross_attention_heads", heads, "projection_dim", width, "the cross-attention")
     _check_choice("weight_sharing", args["weight_sharing"], WEIGHT_SHARING)
     _check_choice("position_encoding", args["position_encoding"], POSITION_ENCODINGS)
     max_freq = args["fourier_max_freq"]

@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from perceiver import checks
 from perceiver.model import Perceiver
 from perceiver.permutation import FixedPermutation, check_permutation_arguments
 
@@ -100,28 +101,13 @@ class ViT(nn.Module):
 
 def check_arguments(**args: object) -> None:
     """Reject impossible settings with a message naming the argument, its value and what is valid."""
-    for name in ("image_size", "patch_size", "in_channels", "num_classes", "embed_dim", "depth", "num_heads"):
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name}={value!r} is invalid: it must be a positive integer")
+    checks.positive_integers(
+        args, ("image_size", "patch_size", "in_channels", "num_classes", "embed_dim", "depth", "num_heads")
+    )
     ratio = args["mlp_ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or ratio <= 0:
         raise ValueError(f"mlp_ratio={ratio!r} is invalid: it must be a positive number")
-    for name in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-            raise ValueError(f"{name}={value!r} is invalid: it must be a number in [0, 1)")
-    image_size, patch_size = args["image_size"], args["patch_size"]
-    if image_size % patch_size:
-        divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
-        raise ValueError(
-            f"image_size={image_size} is not divisible by patch_size={patch_size}: "
-            f"patches must tile the image; valid patch sizes for {image_size} are {divisors}"
-        )
-    width, heads = args["embed_dim"], args["num_heads"]
-    if width % heads:
-        raise ValueError(
-            f"num_heads={heads} does not divide embed_dim={width}: the attention splits embed_dim "
-            f"across its heads; choose a divisor of {width}"
-        )
+    checks.rates(args, ("dropout_rate", "attention_dropout_rate", "drop_path_rate"))
+    checks.patches_tile(args["image_size"], args["patch_size"])
+    checks.heads_divide("num_heads", args["num_heads"], "embed_dim", args["embed_dim"], "the attention")
     check_permutation_arguments(args["permute_inputs"], args["permutation_seed"])
