@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from perceiver.summary import log_to_wandb, markdown_table, summarize, sweep_settings, write_summary
+from perceiver.summary import Summary, log_to_wandb, markdown_table, summarize, write_summary
 from perceiver.sweeps import grid_arguments, wandb_sweep_config
 from perceiver.tracking import WandbTracker, has_wandb_credentials
 
@@ -87,9 +87,9 @@ def run_multirun(overrides: Sequence[str], sweep_dir: Path) -> int:
     return 0
 
 
-def tracker_factory(sweep_dir: Path) -> Any:
+def tracker_factory(summary: Summary) -> Any:
     """The sweep's own logger settings (mode, project, entity) for the summary run."""
-    logger = sweep_settings(sweep_dir).get("logger")
+    logger = summary.settings.get("logger")
     if logger is None:
         return lambda **kwargs: WandbTracker(mode="auto", **kwargs)
     return instantiate(OmegaConf.create(logger))
@@ -109,7 +109,7 @@ def report(sweep_dir: Path, use_wandb: bool = True) -> int:
     for name, path in files.items():
         print(f"{name}: {path}")
     if use_wandb:
-        run_id = log_to_wandb(summary, files, tracker_factory(sweep_dir))
+        run_id = log_to_wandb(summary, files, tracker_factory(summary))
         if run_id:
             print(f"W&B summary run {run_id} in group {summary.sweep_dir.name}")
     if any(sweep_dir.glob("**/wandb/offline-run-*")):
@@ -145,8 +145,7 @@ def resume(sweep_dir: Path, use_wandb: bool) -> int:
 def write_wandb_sweep(overrides: Sequence[str]) -> int:
     """A native W&B grid sweep over the same grid; created on the server when credentials exist."""
     config = compose_sweep(overrides)
-    recorded = {"hydra": {"sweeper": config.hydra.sweeper, "overrides": {"task": list(overrides)}}}
-    arguments = grid_arguments(OmegaConf.create(recorded))
+    arguments = grid_arguments(config.hydra.sweeper.get("params"), overrides)
     name = config.ablation.name or "sweep"
     sweep = wandb_sweep_config(arguments, name=name, project=config.logger.get("project"))
     out = Path(config.hydra.sweep.dir)

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
 
-from perceiver.sweeps import parse_value, short_key, split_override, swept_keys
+from perceiver.sweeps import parse_value, recorded_sweep, short_key, split_override, swept_in
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,7 @@ class Summary:
     keys: list[str]  # the swept keys other than the seed: one grid point per combination
     axis: str | None  # the key on the plot's x axis
     rows: list[dict[str, Any]]  # one per grid point
+    settings: dict[str, Any] = field(default_factory=dict)  # the sweep's multirun.yaml; empty without one
 
     @property
     def job_rows(self) -> list[dict[str, Any]]:
@@ -125,22 +125,17 @@ def job_row(job: Job, keys: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def sweep_settings(sweep_dir: Path) -> dict[str, Any]:
-    """The sweep's own config (Hydra's multirun.yaml), or an empty dict for a directory without one."""
-    path = Path(sweep_dir) / "multirun.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else {}
-
-
 def summarize(sweep_dir: Path) -> Summary:
     sweep_dir = Path(sweep_dir)
     jobs = collect_jobs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir} holds no job directories (*/.hydra/overrides.yaml): is it a sweep dir?")
-    swept = swept_keys(sweep_dir)
-    keys = [key for key in (swept if swept is not None else varying_keys(jobs)) if key != SEED_KEY]
-    axis = (sweep_settings(sweep_dir).get("ablation") or {}).get("axis")
+    settings = recorded_sweep(sweep_dir) or {}
+    swept = swept_in(settings) if settings else varying_keys(jobs)
+    keys = [key for key in swept if key != SEED_KEY]
+    axis = (settings.get("ablation") or {}).get("axis")
     axis = axis if axis in keys else (keys[0] if keys else None)
-    return Summary(sweep_dir, jobs, keys, axis, aggregate(jobs, keys))
+    return Summary(sweep_dir, jobs, keys, axis, aggregate(jobs, keys), settings)
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -238,7 +233,7 @@ def log_to_wandb(summary: Summary, files: dict[str, Path], tracker_factory: Any)
     """A `summary` run in the sweep's group with both tables and the plot; returns its run id."""
     import wandb
 
-    settings = sweep_settings(summary.sweep_dir)
+    settings = summary.settings
     name = (settings.get("ablation") or {}).get("name") or summary.sweep_dir.name
     tracker = tracker_factory(
         config={"sweep_dir": str(summary.sweep_dir), "ablation": settings.get("ablation"), "keys": summary.keys},

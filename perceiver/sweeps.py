@@ -7,7 +7,7 @@ comma-lists on the command line; Hydra records both in the sweep directory's `mu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,9 @@ def key_of(override: str) -> str:
     return split_override(override)[0]
 
 
-def grid_arguments(sweep_config: Any) -> list[str]:
+def grid_arguments(params: Mapping[str, Any] | None, task: Sequence[str]) -> list[str]:
     """The overrides a multirun expands: sweeper params first, then the command line (which wins)."""
-    params = OmegaConf.select(sweep_config, "hydra.sweeper.params") or {}
-    return [f"{key}={value}" for key, value in params.items()] + list(sweep_config.hydra.overrides.task)
+    return [f"{key}={value}" for key, value in (params or {}).items()] + list(task)
 
 
 def grid(arguments: Sequence[str]) -> dict[str, list[str]]:
@@ -47,12 +46,23 @@ def grid(arguments: Sequence[str]) -> dict[str, list[str]]:
     return axes
 
 
-def swept_keys(sweep_dir: Path) -> list[str] | None:
-    """The keys that take more than one value in this sweep; None when the sweep left no multirun.yaml."""
+def recorded_sweep(sweep_dir: Path) -> dict[str, Any] | None:
+    """The sweep's own config (Hydra's multirun.yaml, unresolved); None for a directory without one."""
     path = Path(sweep_dir) / "multirun.yaml"
-    if not path.is_file():
-        return None
-    return [key for key, values in grid(grid_arguments(OmegaConf.load(path))).items() if len(values) > 1]
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else None
+
+
+def swept_in(recorded: Mapping[str, Any]) -> list[str]:
+    """The keys that take more than one value in a recorded sweep."""
+    hydra = recorded["hydra"]
+    arguments = grid_arguments((hydra.get("sweeper") or {}).get("params"), hydra["overrides"]["task"])
+    return [key for key, values in grid(arguments).items() if len(values) > 1]
+
+
+def swept_keys(sweep_dir: Path) -> list[str] | None:
+    """The swept keys of the sweep in `sweep_dir`; None when it left no multirun.yaml."""
+    recorded = recorded_sweep(sweep_dir)
+    return swept_in(recorded) if recorded is not None else None
 
 
 def short_key(key: str, keys: Iterable[str]) -> str:
