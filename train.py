@@ -29,10 +29,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from perceiver import distributed
+from perceiver import distributed, runtime
 from perceiver.checkpoint import CheckpointError, TrainingInterrupted, carried_overrides, locate, resumed_config
 from perceiver.data import DataError, DataSource, Shard, Splits, make_loader, prepare_splits
 from perceiver.engine import TrainSettings, configure_determinism, evaluate, fit, resolve_device
+from perceiver.flops import matmul_peak, training_flops
 from perceiver.sweeps import run_name, run_tags, swept_keys
 from perceiver.tracking import NullTracker, resolve_mode
 
@@ -255,6 +256,25 @@ def make_loaders(
     return train_loader, val_loader, test_loader
 
 
+def model_flops(
+    model: torch.nn.Module, settings: TrainSettings, device: torch.device
+) -> tuple[float | None, float | None]:
+    """A training step's FLOPs per image (analytic) and the device's matmul peak in the run's precision
+    (`trainer.peak_tflops`: measured, given, or none): what perf/tflops and perf/mfu are made of."""
+    try:
+        per_image = training_flops(model, settings.batch_size) / settings.batch_size
+    except TypeError as error:  # a model without an analytic count: no utilisation figures
+        log.warning("%s; perf/tflops and perf/mfu are not logged", error)
+        return None, None
+    peak = settings.peak_tflops
+    if peak == "auto":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision, torch.float32)
+        peak = matmul_peak(device, dtype) / 1e12
+        log.info("%s matmul peak of %s: %.2f TFLOP/s (the reference of perf/mfu)", dtype, device, peak)
+    log.info("model: %.4g GFLOP per training image (forward and backward)", per_image / 1e9)
+    return per_image, peak * 1e12 if peak is not None else None
+
+
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Build, fit, test; returns what it writes to metrics.json. With `resume` (a run dir or checkpoint, or
     `auto` for one in this run dir) it continues that run in its directory; a finished run is only reported."""
@@ -282,6 +302,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     seed_everything(cfg.seed)
     parts = build_parts(cfg)
     settings, device, model, augment = parts.settings, parts.device, parts.model, parts.augment
+    if settings.keep_freed_memory:
+        runtime.keep_freed_memory()
     if context.rank:  # same initial weights everywhere (DDP broadcasts rank 0's); own dropout and augmentation
         torch.manual_seed(cfg.seed + context.rank)
     configure_determinism(settings.deterministic)
@@ -290,6 +312,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     num_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model: %s trainable parameters; device %s; run dir %s", f"{num_parameters:,}", device, run_dir)
+    flops_per_image, peak = model_flops(model, settings, device)
 
     if not context.is_main:
         distributed.barrier()  # rank 0 downloads and caches the statistics first
@@ -322,6 +345,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             config=resolved,
             resume=resume.state if resume is not None else None,
             overrides=overrides,
+            flops_per_image=flops_per_image,
+            peak_flops=peak,
         )
         test = evaluate(model, augment, test_loader, device, settings.precision, splits.num_classes)
         metrics = {

@@ -64,6 +64,8 @@ class TrainSettings:
     checkpoint_every_n_steps: int | None = None
     keep_checkpoints: int = 2
     nonfinite_loss: str = "error"
+    keep_freed_memory: bool = True
+    peak_tflops: float | str | None = "auto"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "log_every_n_steps", "keep_checkpoints"):
@@ -92,6 +94,13 @@ class TrainSettings:
         clip = self.grad_clip_norm
         if clip is not None and (not isinstance(clip, int | float) or clip <= 0):
             raise ValueError(f"trainer.grad_clip_norm={clip!r} is invalid: a positive number, or null for no clipping")
+        peak = self.peak_tflops
+        number = isinstance(peak, int | float) and not isinstance(peak, bool)
+        if peak is not None and peak != "auto" and not (number and peak > 0):
+            raise ValueError(
+                f"trainer.peak_tflops={peak!r} is invalid: auto (measure a matmul at start-up), "
+                "a positive number of TFLOP/s, or null (no perf/mfu)"
+            )
         device = resolve_device(self.device)
         if self.precision == "fp16" and device.type != "cuda":
             raise ValueError("trainer.precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32")
@@ -237,6 +246,17 @@ def step_scheduler(scheduler: Any, epochs_done: int, val_loss: float) -> None:
 
 
 # ----------------------------------------------------------------------------- loop
+
+
+def utilisation(images_per_second: float, flops_per_image: float | None, peak_flops: float | None) -> dict:
+    """perf/tflops achieved by the model's arithmetic, and perf/mfu, its fraction of every rank's peak."""
+    if flops_per_image is None:
+        return {}
+    achieved = images_per_second * flops_per_image
+    row = {"perf/tflops": achieved / 1e12}
+    if peak_flops:
+        row["perf/mfu"] = achieved / (peak_flops * distributed.current().world_size)
+    return row
 
 
 def steady_throughput(history: list[dict[str, float]]) -> float:
@@ -412,6 +432,8 @@ def fit(
     config: dict[str, Any] | None = None,
     resume: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
+    flops_per_image: float | None = None,
+    peak_flops: float | None = None,
 ) -> FitResult:
     """Train for up to `settings.epochs`, keep the weights with the lowest validation loss, and load
     them into `model` before returning.
@@ -419,7 +441,8 @@ def fit(
     A resumable checkpoint is saved every epoch (and every `checkpoint_every_n_steps`); `resume`, a
     checkpoint's state, continues exactly where it was taken. SIGTERM/SIGINT save a checkpoint at the next
     step boundary and raise TrainingInterrupted; a non-finite loss saves the last good state and raises
-    NonFiniteLossError (unless `nonfinite_loss=skip`).
+    NonFiniteLossError (unless `nonfinite_loss=skip`). `flops_per_image` (a training step's FLOPs per image)
+    and `peak_flops` (one device's) add the achieved TFLOP/s and the model FLOP utilisation to every epoch.
     """
     tracker = tracker or NullTracker()
     run_dir = Path(run_dir)
@@ -550,10 +573,11 @@ def fit(
                 "lr": lr,
                 "images_per_second": running.total_count / elapsed,  # all ranks together
                 "epoch_seconds": elapsed,
+                **utilisation(running.total_count / elapsed, flops_per_image, peak_flops),
             }
             history.append(row)
             log.info(
-                "epoch %3d  train loss %.4f top1 %.4f  val loss %.4f top1 %.4f top5 %.4f  lr %.2e  %.0f img/s%s%s",
+                "epoch %3d  train loss %.4f top1 %.4f  val loss %.4f top1 %.4f top5 %.4f  lr %.2e  %.0f img/s%s%s%s",
                 epoch,
                 train["loss"],
                 train["top1"],
@@ -562,6 +586,7 @@ def fit(
                 val["top5"],
                 lr,
                 running.total_count / elapsed,
+                f" ({100 * row['perf/mfu']:.1f}% MFU)" if "perf/mfu" in row else "",
                 "  (best)" if improved else "",
                 f"  ({running.skipped} steps skipped: non-finite loss)" if running.skipped else "",
             )

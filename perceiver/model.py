@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perceiver import checks
+from perceiver import checks, ops
 from perceiver.permutation import FixedPermutation, check_permutation_arguments
 from perceiver.position import POSITION_ENCODINGS, PatchEncoder
 
@@ -34,7 +34,7 @@ class FeedForward(nn.Sequential):
             nn.Linear(in_dim, hidden_dim),
             nn.GELU(),
             nn.Linear(hidden_dim, out_dim),
-            nn.Dropout(dropout_rate),
+            ops.Dropout(dropout_rate),
         )
 
 
@@ -82,15 +82,24 @@ class CrossAttention(nn.Module):
         self.ffn_norm = nn.LayerNorm(dim, eps=eps)
         self.ffn = FeedForward(dim, ffn_units, dim, dropout_rate)
 
-    def forward(self, latents: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-        latents = self.latent_norm(latents)
+    def project_data(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the data array, (B, heads, M, D/heads) each: they depend only on the data and
+        this module's weights, so iterations that share the module compute them once (`Perceiver`)."""
         data = self.data_norm(data)
-        batch = data.shape[0]
-        # The learned scale multiplies q: (s q) k^T = s (q k^T), and SDPA then runs with scale=1.
-        q = (self.to_q(latents) * self.score_scale).expand(batch, -1, -1)
-        q, k, v = (split_heads(t, self.num_heads) for t in (q, self.to_k(data), self.to_v(data)))
+        weight = torch.cat([self.to_k.weight, self.to_v.weight])  # one GEMM reads the data array once
+        bias = torch.cat([self.to_k.bias, self.to_v.bias])
+        keys, values = F.linear(data, weight, bias).chunk(2, dim=-1)
+        return split_heads(keys, self.num_heads), split_heads(values, self.num_heads)
+
+    def forward(
+        self, latents: torch.Tensor, data: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        keys, values = self.project_data(data) if keys_values is None else keys_values
+        latents = self.latent_norm(latents)
+        # The learned scale multiplies q: (s q) k^T = s (q k^T), and attention then runs with scale=1.
+        q = (self.to_q(latents) * self.score_scale).expand(keys.shape[0], -1, -1)
         dropout_p = self.attention_dropout_rate if self.training else 0.0
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=1.0)
+        attended = ops.attention(split_heads(q, self.num_heads), keys, values, 1.0, dropout_p)
         x = self.ffn_norm(merge_heads(attended) + latents)
         return self.ffn(x) + x
 
@@ -113,7 +122,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
         dropout_p = self.attention_dropout_rate if self.training else 0.0
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        attended = ops.attention(q, k, v, q.shape[-1] ** -0.5, dropout_p)
         return self.out(merge_heads(attended))
 
 
@@ -284,8 +293,11 @@ class Perceiver(nn.Module):
         if self.permutation is not None:
             data = self.permutation(data)
         latents = self.latents.unsqueeze(0)
+        keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per cross-attend module
         for cross, latent in zip(self.cross_index, self.latent_index, strict=True):
-            latents = self.cross_attends[cross](latents, data)
+            if cross not in keys_values:
+                keys_values[cross] = self.cross_attends[cross].project_data(data)
+            latents = self.cross_attends[cross](latents, data, keys_values[cross])
             latents = self.latent_transformers[latent](latents)
         return latents
 

@@ -29,7 +29,7 @@ from perceiver.checkpoint import (
 from perceiver.engine import NonFiniteLossError
 from tests.test_engine import tiny_problem
 
-TIMING = ("images_per_second", "epoch_seconds")
+TIMING = ("images_per_second", "epoch_seconds", "perf/tflops", "perf/mfu")  # wall-clock figures
 
 
 def test_a_crash_while_writing_leaves_the_previous_checkpoint_intact(

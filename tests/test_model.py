@@ -268,3 +268,43 @@ def test_bad_arguments_raise_a_message_naming_the_field(override: dict, words: l
         Perceiver(**override)
     for word in words:
         assert word in str(error.value)
+
+
+# ----------------------------------------------------------------------------- the optimised path
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"weight_sharing": "all_but_first", "num_iterations": 3},
+        {"weight_sharing": "none", "cross_attention_heads": 2},
+        {"position_encoding": "fourier", "fourier_num_bands": 3, "permute_inputs": True},
+    ],
+)
+def test_optimised_model_equals_the_straightforward_one(variant: dict) -> None:
+    """Cached keys/values, the fused key-value projection and the CPU attention/dropout path against the plain
+    port in bench/straightforward.py (same weights), with dropout off: outputs and every gradient."""
+    from bench.straightforward import StraightforwardPerceiver
+
+    config = {**TINY, **variant, "dropout_rate": 0.0, "attention_dropout_rate": 0.0}
+    torch.manual_seed(0)
+    ours = Perceiver(**config).train()
+    plain = StraightforwardPerceiver(**config).train()
+    plain.load_state_dict(ours.state_dict())
+    images = torch.randn(4, 3, 8, 8)
+    out, expected = ours(images), plain(images)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    expected.backward(upstream)
+    for (name, a), b in zip(ours.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_training_mode_still_drops_out() -> None:
+    torch.manual_seed(0)
+    model = Perceiver(**{**TINY, "dropout_rate": 0.2, "attention_dropout_rate": 0.1})
+    images = torch.randn(2, 3, 8, 8)
+    assert not torch.equal(model.train()(images), model(images))
+    assert torch.equal(model.eval()(images), model(images))

@@ -31,7 +31,7 @@ SETTINGS = [
     "trainer.deterministic=true",
 ]
 MID_EPOCH_2 = "step-00000030.pt"
-TIMING = ("images_per_second", "epoch_seconds")
+TIMING = ("images_per_second", "epoch_seconds", "perf/tflops", "perf/mfu")  # wall-clock figures
 
 
 def start(run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -13,6 +13,8 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from perceiver import Perceiver, TrainSettings
+from perceiver.flops import training_flops
 from tests.conftest import REPO
 from tests.wandb_files import read_offline_run
 from train import train
@@ -94,6 +96,22 @@ def test_train_in_process_returns_the_metrics_it_writes(
     metrics = train(cfg, run_dir=tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text())["test"] == metrics["test"]
     assert not (tmp_path / "best.pt").exists()
+
+
+def test_history_logs_model_flop_utilisation(compose_config: Callable[..., DictConfig], tmp_path: Path) -> None:
+    cfg = compose_config(*SMOKE, "logger=none", "trainer.epochs=1", "trainer.save_checkpoints=false")
+    cfg.trainer.peak_tflops = 0.5
+    row = train(cfg, run_dir=tmp_path)["history"][0]
+    fields = {k: v for k, v in cfg.model.items() if k != "_target_"}
+    per_image = training_flops(Perceiver(**fields), cfg.trainer.batch_size) / cfg.trainer.batch_size
+    assert row["perf/tflops"] == pytest.approx(row["images_per_second"] * per_image / 1e12)
+    assert row["perf/mfu"] == pytest.approx(row["perf/tflops"] / 0.5)
+
+
+@pytest.mark.parametrize("peak", [0, -1.0, "fast", True])
+def test_bad_peak_tflops_is_refused(peak: object) -> None:
+    with pytest.raises(ValueError, match=r"trainer\.peak_tflops"):
+        TrainSettings(peak_tflops=peak, device="cpu")
 
 
 def test_same_seed_same_result(compose_config: Callable[..., DictConfig], tmp_path: Path) -> None:

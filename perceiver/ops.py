@@ -1,0 +1,71 @@
+"""Dropout and attention for the training step, made cheap on the CPU without changing the math.
+
+Measured on a 2-core CPU (docs/benchmarks.md): `torch.bernoulli_` draws one 32-bit number per element from
+a serial generator, and was about a quarter of a training step at the benchmark's small setting; attention
+dropout also keeps `scaled_dot_product_attention` off its fused kernels and on a path that spends time on
+masking checks. Here a mask element is one 32-bit slice of a full-range 64-bit random word (two per draw),
+compared with a threshold: a Bernoulli(1 - p) keep with p exact to 2^-32, from the same seeded generator.
+On CUDA the fused kernels are already fast, so these functions hand over to them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INT64_MIN = -(2**63)
+
+
+def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A {0, 1/(1-p)} mask: each element is kept with probability 1 - p (exact to 2^-32), then rescaled."""
+    count = shape.numel()
+    words = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(INT64_MIN, None)
+    uniform32 = words.view(torch.int32)[:count].view(shape)  # two independent uniform int32 per word
+    threshold = INT64_MIN // 2**32 + round(p * 2**32)  # P(uniform32 >= threshold) = 1 - p
+    return (uniform32 >= threshold).to(dtype).mul_(1.0 / (1.0 - p))
+
+
+class _ScaledMask(torch.autograd.Function):
+    """y = x * mask; the gradient is the same product, so only the mask is kept for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
+        mask = keep_mask(x.shape, p, x.dtype, x.device)
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`F.dropout` with the same distribution; cheaper masks on the CPU."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p == 1.0:
+        return F.dropout(x, p, training=True)
+    return _ScaledMask.apply(x, p)
+
+
+class Dropout(torch.nn.Dropout):
+    """`nn.Dropout` (same arguments, same state dict) drawing its masks with `dropout` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
+    """softmax(scale q k^T) v over the last two axes, with dropout on the attention weights.
+
+    Without dropout, or off the CPU, this is `scaled_dot_product_attention` (fused kernels). With dropout on
+    the CPU it is spelled out: two batched matmuls, a softmax and `dropout`, which skips SDPA's masking
+    checks and its slower masks.
+    """
+    if dropout_p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    if scale != 1.0:
+        q = q * scale  # scaling q (L x d) is cheaper than scaling the scores (L x S)
+    weights = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+    return dropout(weights, dropout_p, training=True) @ v

@@ -1,0 +1,61 @@
+"""The benchmark's plumbing (no timing is asserted): one measurement process end to end, and the tables'
+arithmetic on given rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench.__main__ import scaling_table, throughput_table
+from bench.measure import perceiver_kwargs
+from bench.settings import SETTINGS
+from perceiver import Perceiver
+from perceiver.flops import training_flops
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_measure_runs_this_project_and_counts_its_flops() -> None:
+    command = [sys.executable, "-m", "bench.measure", "--impl", "ours", "--setting", "small", "--allocator", "keep"]
+    command += ["--seconds", "0", "--min-steps", "1", "--warmup", "0"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["allocator"] == "keep" and row["steps_timed"] >= 1 and row["images_per_second"] > 0
+    model = Perceiver(**perceiver_kwargs(SETTINGS["small"]))
+    assert row["params"] == sum(p.numel() for p in model.parameters())
+    assert row["flops_per_step"] == training_flops(model, SETTINGS["small"].batch_size)  # counter == analytic
+
+
+def row(impl: str, allocator: str, step_seconds: float, flops: float, label: str = "") -> dict:
+    return {
+        "impl": impl,
+        "setting": "small",
+        "allocator": allocator,
+        "label": label or f"{impl} {allocator}",
+        "images_per_second": 64 / step_seconds,
+        "step_seconds": step_seconds,
+        "flops_per_step": flops,
+        "peak_memory_mib": 100.0,
+    }
+
+
+def test_throughput_table_ratios_and_utilisation() -> None:
+    rows = [row("keras", "default", 0.4, 8e9), row("keras", "keep", 0.2, 8e9), row("ours", "keep", 0.1, 6e9)]
+    table = throughput_table(rows, peak=100e9).splitlines()
+    assert table[-1] == "| small | ours keep | 640.0 | 4.00 | 2.00 | 6.0 | 60% | 100 |"
+    assert table[2].startswith("| small | keras default | 160.0 | 1.00 | 0.50 | 8.0 | 20% |")
+
+
+def test_scaling_table_divides_vit_by_perceiver() -> None:
+    rows = [
+        {"model": "perceiver", "num_inputs": 16, "image_size": 32, "patch_size": 8, "step_seconds": 0.02},
+        {"model": "vit", "num_inputs": 16, "image_size": 32, "patch_size": 8, "step_seconds": 0.01},
+        {"model": "perceiver", "num_inputs": 4096, "image_size": 64, "patch_size": 1, "step_seconds": 0.3},
+        {"model": "vit", "num_inputs": 4096, "image_size": 64, "patch_size": 1, "step_seconds": 9.0},
+    ]
+    lines = scaling_table(rows).splitlines()
+    assert lines[2] == "| 16 | 32 | 8 | 20.0 | 10.0 | 0.5 |"
+    assert lines[3] == "| 4096 | 64 | 1 | 300.0 | 9000.0 | 30.0 |"
