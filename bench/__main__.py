@@ -87,7 +87,7 @@ def throughput_table(rows: list[dict], peak: float) -> str:
             ratios = [f"{rate / keras[a]:.2f}" if a in keras else "-" for a in ("default", "keep")]
             utilisation = row["flops_per_step"] / row["step_seconds"] / peak
             lines.append(
-                f"| {setting} | {row['label']} | {rate:.1f} | {ratios[0]} | {ratios[1]} | "
+                f"| {setting} | {row['label']} | {rate:.3g} | {ratios[0]} | {ratios[1]} | "
                 f"{row['flops_per_step'] / 1e9:.1f} | {100 * utilisation:.0f}% | {row['peak_memory_mib']:.0f} |"
             )
     return "\n".join(lines)

@@ -1,10 +1,10 @@
 """Process-wide settings that make training fast, made by the program itself at start-up.
 
 glibc's malloc serves blocks of 32 MiB and more with mmap and returns them to the OS on free, so the large
-activations of the Keras-size model were page-faulted and zeroed afresh every step: 40-70% more step time
-on the benchmark CPU (docs/benchmarks.md). `keep_freed_memory` makes malloc keep them: no mmap'ed blocks and
-no trimming of the heap, so freed memory is reused by the next step. The process's memory then stays at
-its peak (it does anyway during training). A no-op where the C library is not glibc.
+activations of the Keras-size model were page-faulted and zeroed afresh every step: 27-53% more step time
+for the implementations benchmarked in docs/benchmarks.md. `keep_freed_memory` makes malloc keep them:
+no mmap'ed blocks and no trimming of the heap, so freed memory is reused by the next step. The process's
+memory then stays at its peak (it does anyway during training). A no-op where the C library is not glibc.
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ def row(impl: str, allocator: str, step_seconds: float, flops: float, label: str
 def test_throughput_table_ratios_and_utilisation() -> None:
     rows = [row("keras", "default", 0.4, 8e9), row("keras", "keep", 0.2, 8e9), row("ours", "keep", 0.1, 6e9)]
     table = throughput_table(rows, peak=100e9).splitlines()
-    assert table[-1] == "| small | ours keep | 640.0 | 4.00 | 2.00 | 6.0 | 60% | 100 |"
-    assert table[2].startswith("| small | keras default | 160.0 | 1.00 | 0.50 | 8.0 | 20% |")
+    assert table[-1] == "| small | ours keep | 640 | 4.00 | 2.00 | 6.0 | 60% | 100 |"
+    assert table[2].startswith("| small | keras default | 160 | 1.00 | 0.50 | 8.0 | 20% |")
 
 
 def test_scaling_table_divides_vit_by_perceiver() -> None:
