@@ -64,12 +64,13 @@ def build_model(setting: Setting) -> nn.Module:
 def make_perceiver_pytorch_step(setting: Setting, seed: int = 0) -> tuple[Callable[[], None], int]:
     """One Adam step on a fixed random batch per call (train mode, fp32), and the trainable parameter count."""
     torch.manual_seed(seed)
-    model = build_model(setting).train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where bench.measure times
+    model = build_model(setting).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
     size = setting.image_size
-    x = torch.randn(setting.batch_size, size, size, 3, generator=generator)
-    y = torch.randint(0, setting.num_classes, (setting.batch_size,), generator=generator)
+    x = torch.randn(setting.batch_size, size, size, 3, generator=generator).to(device)
+    y = torch.randint(0, setting.num_classes, (setting.batch_size,), generator=generator).to(device)
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def step() -> None:
