@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from bench.measure import time_steps
+from bench.measure import make_torch_step, perceiver_kwargs, time_steps
 from bench.settings import Setting
 from perceiver.augment import BatchAugment
 from perceiver.data import ArrayDataset, DeviceBatches
@@ -80,7 +80,6 @@ def dataloader_rate(data: ArrayDataset, image_size: int, batch_size: int, worker
 def epoch_against_steps(setting: Setting, images: int, seconds: float = 10.0) -> dict[str, float]:
     """One training epoch through perceiver.engine (device batches, augmentation, metrics, the non-finite
     check) against the same model's isolated step on a fixed batch, times the epoch's steps."""
-    from bench.measure import make_torch_step, perceiver_kwargs
     from perceiver import Perceiver
 
     torch.manual_seed(0)

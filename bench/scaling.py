@@ -8,65 +8,42 @@ feed-forward), trained on batches of 8 with M = (image / patch)^2 inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
-from bench.measure import time_steps
-from perceiver.engine import classification_loss
+from bench.measure import make_torch_step, perceiver_kwargs, time_steps
+from bench.settings import SETTINGS, Setting
 from perceiver.flops import training_flops
 
 POINTS = ((32, 8), (32, 4), (32, 2), (32, 1), (64, 1))  # (image size, patch size): M = 16 ... 4096
 BATCH = 8
 
 
-def build(kind: str, image_size: int, patch_size: int) -> torch.nn.Module:
+def build(kind: str, setting: Setting) -> torch.nn.Module:
+    """The small setting's Perceiver, or a ViT of its width and attention depth, at `setting`'s input size."""
     from perceiver import Perceiver, ViT
 
     if kind == "perceiver":
-        return Perceiver(
-            image_size=image_size,
-            patch_size=patch_size,
-            num_classes=100,
-            latent_dim=64,
-            projection_dim=128,
-            num_heads=4,
-            key_dim=32,
-            num_transformer_blocks=2,
-            num_iterations=2,
-        )
-    width = {"embed_dim": 128, "depth": 4, "num_heads": 4, "mlp_ratio": 1.0}
-    return ViT(image_size=image_size, patch_size=patch_size, num_classes=100, **width)
-
-
-def training_step(model: torch.nn.Module, image_size: int) -> Callable[[], None]:
-    images = torch.randn(BATCH, 3, image_size, image_size)
-    labels = torch.randint(0, 100, (BATCH,))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    model.train()
-
-    def step() -> None:
-        loss = classification_loss(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+        return Perceiver(**perceiver_kwargs(setting))
+    width = {"embed_dim": setting.channels, "depth": setting.num_blocks * setting.num_iterations, "mlp_ratio": 1.0}
+    return ViT(setting.image_size, setting.patch_size, num_classes=setting.num_classes, num_heads=4, **width)
 
 
 def measure_scaling(seconds: float = 2.0, kinds: tuple[str, ...] = ("perceiver", "vit")) -> list[dict[str, object]]:
     rows = []
     for image_size, patch_size in POINTS:
+        setting = replace(SETTINGS["small"], image_size=image_size, patch_size=patch_size, batch_size=BATCH)
         for kind in kinds:
             torch.manual_seed(0)
-            model = build(kind, image_size, patch_size)
-            step_seconds, steps = time_steps(training_step(model, image_size), 1, seconds, 2)
+            model = build(kind, setting)
+            step_seconds, steps = time_steps(make_torch_step(model, setting, "fp32", False), 1, seconds, 2)
             rows.append(
                 {
                     "model": kind,
                     "image_size": image_size,
                     "patch_size": patch_size,
-                    "num_inputs": (image_size // patch_size) ** 2,
+                    "num_inputs": setting.num_inputs,
                     "step_seconds": step_seconds,
                     "steps_timed": steps,
                     "flops_per_step": training_flops(model, BATCH),
