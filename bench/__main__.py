@@ -25,8 +25,7 @@ import torch
 
 from bench import pipeline, scaling
 from bench.settings import SETTINGS
-from perceiver.flops import matmul_peak
-from perceiver.runtime import keep_freed_memory
+from perceiver.training.device import keep_freed_memory, matmul_peak
 
 # (implementation, allocator, precision, compile, label); the first row of a setting is the ratios' baseline.
 RUNS = (

@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.settings import SETTINGS, Setting
-from perceiver.runtime import keep_freed_memory
+from perceiver.training.device import keep_freed_memory
 
 IMPLEMENTATIONS = ("ours", "straightforward", "keras", "perceiver-pytorch")
 
@@ -46,8 +46,9 @@ def perceiver_kwargs(setting: Setting) -> dict[str, int]:
 def make_torch_step(
     model: torch.nn.Module, setting: Setting, precision: str, compile_model: bool, seed: int = 0
 ) -> Callable[[], None]:
-    """The training step of perceiver.engine (autocast, the loss in fp32, fused Adam as conf/optimizer/adam.yaml)."""
-    from perceiver.engine import autocast, classification_loss
+    """The training step of perceiver.training.loop (autocast, fp32 loss, fused Adam as conf/optimizer/adam.yaml)."""
+    from perceiver.training.device import autocast
+    from perceiver.training.metrics import classification_loss
 
     device = device_for_bench()
     generator = torch.Generator().manual_seed(seed)

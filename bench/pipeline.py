@@ -14,9 +14,11 @@ import torch
 
 from bench.measure import make_torch_step, perceiver_kwargs, time_steps
 from bench.settings import Setting
-from perceiver.augment import BatchAugment
 from perceiver.data import ArrayDataset, DeviceBatches
-from perceiver.engine import RunningMetrics, TrainSettings, train_one_epoch
+from perceiver.data.augment import BatchAugment
+from perceiver.training import TrainSettings
+from perceiver.training.loop import TrainStep, train_one_epoch
+from perceiver.training.metrics import RunningMetrics
 
 MEAN, STD = [129.3, 124.1, 112.4], [68.2, 65.4, 70.4]  # CIFAR-100's, in 0-255 units
 
@@ -78,7 +80,7 @@ def dataloader_rate(data: ArrayDataset, image_size: int, batch_size: int, worker
 
 
 def epoch_against_steps(setting: Setting, images: int, seconds: float = 10.0) -> dict[str, float]:
-    """One training epoch through perceiver.engine (device batches, augmentation, metrics, the non-finite
+    """One training epoch through perceiver.training.loop (device batches, augmentation, metrics, the non-finite
     check) against the same model's isolated step on a fixed batch, times the epoch's steps."""
     from perceiver import Perceiver
 
@@ -93,7 +95,7 @@ def epoch_against_steps(setting: Setting, images: int, seconds: float = 10.0) ->
     metrics = RunningMetrics(torch.device("cpu"), setting.num_classes)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     start = time.perf_counter()
-    train_one_epoch(model, augment, batches, optimizer, scaler, settings, torch.device("cpu"), 100, "", metrics)
+    train_one_epoch(TrainStep(model, augment, optimizer, scaler, settings, torch.device("cpu")), batches, metrics)
     metrics.compute()  # the epoch's one read of the device-side sums
     epoch_seconds = time.perf_counter() - start
     return {

@@ -14,7 +14,7 @@ import torch
 
 from bench.measure import make_torch_step, perceiver_kwargs, time_steps
 from bench.settings import SETTINGS, Setting
-from perceiver.flops import training_flops
+from perceiver.training.metrics import training_flops
 
 POINTS = ((32, 8), (32, 4), (32, 2), (32, 1), (64, 1))  # (image size, patch size): M = 16 ... 4096
 BATCH = 8

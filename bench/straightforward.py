@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perceiver.model import CrossAttention, LatentBlock, Perceiver, merge_heads, split_heads
+from perceiver.models.perceiver import CrossAttention, LatentBlock, Perceiver, merge_heads, split_heads
 
 
 def feed_forward(ffn: nn.Sequential, x: torch.Tensor, training: bool) -> torch.Tensor:

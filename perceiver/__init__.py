@@ -1,29 +1,38 @@
-"""Perceiver (Jaegle et al., 2021) image classification: model, data, augmentation, training loop.
+"""Perceiver (Jaegle et al., 2021) image classification: models, data, the training loop, and the Hydra/W&B
+experiment layer on top.
 
-A library first: `from perceiver import Perceiver` needs no Hydra; `train.py` wires it to configs.
+`import perceiver` is cheap: names load on first use, and `perceiver.models` never pulls in Hydra or W&B.
 """
 
-from perceiver.augment import BatchAugment
-from perceiver.data import ArrayDataset, CifarSource, DataError, ImageFolderSource, SyntheticSource
-from perceiver.engine import TrainSettings, evaluate, fit
-from perceiver.model import Perceiver
-from perceiver.permutation import FixedPermutation
-from perceiver.tracking import NullTracker, WandbTracker
-from perceiver.vit import ViT
+from __future__ import annotations
 
-__all__ = [
-    "ArrayDataset",
-    "BatchAugment",
-    "CifarSource",
-    "DataError",
-    "FixedPermutation",
-    "ImageFolderSource",
-    "NullTracker",
-    "Perceiver",
-    "SyntheticSource",
-    "TrainSettings",
-    "ViT",
-    "WandbTracker",
-    "evaluate",
-    "fit",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Perceiver": "perceiver.models",
+    "ViT": "perceiver.models",
+    "FixedPermutation": "perceiver.models",
+    "BatchAugment": "perceiver.data",
+    "ArrayDataset": "perceiver.data",
+    "CifarSource": "perceiver.data",
+    "DataError": "perceiver.data",
+    "ImageFolderSource": "perceiver.data",
+    "SyntheticSource": "perceiver.data",
+    "TrainSettings": "perceiver.training",
+    "TrainingParts": "perceiver.training",
+    "evaluate": "perceiver.training",
+    "fit": "perceiver.training",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'perceiver' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return [*globals(), *__all__]

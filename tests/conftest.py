@@ -9,6 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import perceiver.experiment.config  # noqa: F401 - registers the config schemas that conf/train.yaml names
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 

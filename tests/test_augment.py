@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from perceiver.augment import BatchAugment, random_hflip, random_zoom, resize
+from perceiver.data.augment import BatchAugment, random_hflip, random_zoom, resize
 
 # ----------------------------------------------------------------------------- resize
 

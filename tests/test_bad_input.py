@@ -20,8 +20,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from perceiver.experiment.run import train
 from tests.conftest import CONF, REPO
-from train import train
 
 SMOKE = "experiment=cpu_smoke"
 TINY = ["data.source.num_train=200", "logger=none"]
@@ -37,6 +37,7 @@ CASES = [
     ("batch-size-zero", [SMOKE, "trainer.batch_size=0"], ["trainer.batch_size=0", "positive integer"], 2),
     ("val-fraction-above-one", [SMOKE, "data.val_fraction=1.5"], ["data.val_fraction=1.5", "(0, 1)"], 2),
     ("patch-does-not-tile", [SMOKE, "model.patch_size=3"], ["model.image_size=16 is not divisible by patch_size=3"], 2),
+    ("lr-a-word", [SMOKE, "optimizer.lr=abc"], ["optimizer.lr='abc'", "must be a number"], 2),
     ("negative-lr", [SMOKE, "optimizer.lr=-1"], ["optimizer: Invalid learning rate: -1"], 2),
     ("classes-disagree", [SMOKE, "model.num_classes=7"], ["model.num_classes=7", "10 classes"], 2),
     ("checkpoint-every-zero", [SMOKE, "trainer.checkpoint_every_n_steps=0"], ["checkpoint_every_n_steps=0"], 2),
@@ -57,6 +58,7 @@ CASES = [
         2,
     ),
     ("image-folder-path-missing", [SMOKE, "data=imagefolder"], ["Missing mandatory value: data.source.path"], 2),
+    ("image-folder-one-class", [SMOKE, "data=imagefolder", "data.source.path={files}/one"], ["at least 2 classes"], 2),
     ("image-folder-nowhere", [SMOKE, "data=imagefolder", "data.source.path={files}/nowhere"], ["does not exist"], 2),
     (
         "image-folder-bad-files",
@@ -113,6 +115,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "images" / "cat" / "notes.txt").write_text("not an image")
     (root / "images" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     (root / "images" / "yak").mkdir()
+    (root / "one" / "cat").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (40 * i, 90, 200)).save(root / "one" / "cat" / f"{i}.png")
     return root
 
 
@@ -162,3 +167,12 @@ def test_bad_input_exits_fast_naming_the_problem(
 
 def test_the_table_has_at_least_twenty_cases() -> None:
     assert len(CASES) >= 20 and len({case[0] for case in CASES}) == len(CASES)
+
+
+@pytest.mark.slow
+def test_a_run_dir_that_cannot_be_made_is_one_line_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    outcome = run_case([SMOKE, *TINY], blocker / "run")
+    assert outcome.code == 2, outcome.output[-3000:]
+    assert f"cannot create {blocker / 'run'}" in outcome.output and "Traceback" not in outcome.output

@@ -13,7 +13,7 @@ from bench.__main__ import scaling_table, throughput_table
 from bench.measure import perceiver_kwargs
 from bench.settings import SETTINGS
 from perceiver import Perceiver
-from perceiver.flops import training_flops
+from perceiver.training.metrics import training_flops
 from tests.conftest import REPO
 
 

@@ -14,19 +14,19 @@ import torch
 from omegaconf import OmegaConf
 
 from perceiver import BatchAugment, Perceiver, TrainSettings, fit
-from perceiver.checkpoint import (
+from perceiver.experiment.resume import resumed_config
+from perceiver.training import TrainingParts, TrainState
+from perceiver.training.checkpoint import (
     Checkpointer,
     CheckpointError,
     checkpoint_files,
     load_newest,
     locate,
     read_checkpoint,
-    restore_rng,
-    resumed_config,
-    rng_states,
     save_atomic,
 )
-from perceiver.engine import NonFiniteLossError
+from perceiver.training.state import restore_rng, rng_states
+from perceiver.training.stopping import NonFiniteLossError
 from tests.test_engine import tiny_problem
 
 TIMING = ("images_per_second", "epoch_seconds", "perf/tflops", "perf/mfu")  # wall-clock figures
@@ -127,7 +127,9 @@ def tiny_fit(run_dir: Path, resume: dict | None = None, model: torch.nn.Module |
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
     options = {"epochs": 3, "progress_bar": False, "device": "cpu", "early_stopping_patience": None, **settings}
-    result = fit(model, augment, train, val, optimizer, scheduler, TrainSettings(**options), run_dir, 2, resume=resume)
+    parts = TrainingParts(model, augment, optimizer, scheduler, num_classes=2)
+    state = TrainState.from_dict(resume) if resume is not None else None
+    result = fit(parts, train, val, TrainSettings(**options), run_dir, resume=state)
     return result, model
 
 

@@ -11,8 +11,9 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from perceiver import Perceiver, ViT
+from perceiver.experiment.build import build_parts
+from perceiver.experiment.config import ConfigError
 from tests.conftest import CONF
-from train import ConfigError, build_parts
 
 GROUPS = ["model", "data", "augmentation", "optimizer", "scheduler", "logger", "experiment"]
 

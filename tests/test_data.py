@@ -22,7 +22,6 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from perceiver import data
 from perceiver.data import (
     ArrayDataset,
     CifarSource,
@@ -30,12 +29,13 @@ from perceiver.data import (
     DeviceBatches,
     ImageFolderSource,
     SyntheticSource,
-    cached_channel_stats,
     channel_stats,
     make_loader,
     prepare_splits,
     split_indices,
+    splits,
 )
+from perceiver.data.splits import cached_channel_stats
 
 CPU = torch.device("cpu")
 
@@ -415,7 +415,7 @@ def test_cached_channel_stats_writes_json_and_reuses_it(tmp_path: Path, monkeypa
     def must_not_run(*args, **kwargs):
         raise AssertionError("channel_stats was recomputed despite a cached result")
 
-    monkeypatch.setattr(data, "channel_stats", must_not_run)
+    monkeypatch.setattr(splits, "channel_stats", must_not_run)
     assert cached_channel_stats(dataset, "unit", cache) == (mean, std)
     assert list(cache.iterdir()) == [cache / "stats-unit.json"]  # no temporary files left behind
 

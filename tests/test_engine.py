@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perceiver import BatchAugment, Perceiver, TrainSettings, fit
+from perceiver import BatchAugment, Perceiver, TrainingParts, TrainSettings, fit
 from perceiver.data import ArrayDataset, DeviceBatches
-from perceiver.engine import EarlyStopping, RunningMetrics, classification_loss, step_scheduler
+from perceiver.training.loop import step_scheduler
+from perceiver.training.metrics import RunningMetrics, classification_loss
+from perceiver.training.stopping import EarlyStopping
 
 
 def test_running_metrics_match_a_plain_computation() -> None:
@@ -107,7 +109,7 @@ def test_fit_restores_the_best_weights_and_writes_checkpoints(tmp_path: Path) ->
     train, val = tiny_problem()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     settings = TrainSettings(epochs=4, progress_bar=False, device="cpu")
-    result = fit(model, augment, train, val, optimizer, None, settings, tmp_path, num_classes=2)
+    result = fit(TrainingParts(model, augment, optimizer, None, num_classes=2), train, val, settings, tmp_path)
     best = torch.load(tmp_path / "best.pt", weights_only=False)
     assert best["epoch"] == result.best_epoch
     val_losses = [row["val/loss"] for row in result.history]

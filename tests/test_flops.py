@@ -10,8 +10,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from perceiver import Perceiver, ViT
-from perceiver.engine import utilisation
-from perceiver.flops import matmul_peak, perceiver_forward_flops, training_flops, vit_forward_flops
+from perceiver.training.device import matmul_peak
+from perceiver.training.metrics import training_flops, utilisation
 
 SMALL = dict(image_size=16, patch_size=4, num_classes=10, latent_dim=8, projection_dim=16, num_heads=2, key_dim=8)
 VARIANTS = [
@@ -36,7 +36,7 @@ def test_perceiver_counts_equal_the_flop_counter(variant: dict, batch: int) -> N
     # Training mode with attention dropout: attention runs as plain matmuls, which the counter sees on a CPU.
     model = Perceiver(**{**SMALL, **variant}).train()
     images = torch.randn(batch, 3, 16, 16)
-    assert counted(model, images, backward=False) == perceiver_forward_flops(model, batch)[0]
+    assert counted(model, images, backward=False) == model.forward_flops(batch)[0]
     assert counted(model, images, backward=True) == training_flops(model, batch)
 
 
@@ -44,7 +44,7 @@ def test_vit_counts_equal_the_flop_counter(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", 0)  # plain matmuls, countable on a CPU
     model = ViT(image_size=16, patch_size=4, num_classes=10, embed_dim=32, depth=2, num_heads=2).train()
     images = torch.randn(2, 3, 16, 16)
-    assert counted(model, images, backward=False) == vit_forward_flops(model, 2)[0]
+    assert counted(model, images, backward=False) == model.forward_flops(2)[0]
     assert counted(model, images, backward=True) == training_flops(model, 2)
 
 
@@ -57,7 +57,7 @@ def test_keras_default_count_by_hand() -> None:
     block = n * d * 3 * heads * key + 2 * heads * n * n * key + n * heads * key * d + 2 * n * d * d
     queries = n * d * d  # the first iteration's queries are shared by the batch
     per_image = projection + keys_values + 2 * (cross + 4 * block) + queries + d * d + d * classes
-    forward, first = perceiver_forward_flops(Perceiver(), 4)
+    forward, first = Perceiver().forward_flops(4)
     assert forward == 2 * (4 * per_image + queries)
     assert first == 2 * 4 * projection
 

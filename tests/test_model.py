@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from perceiver import Perceiver
-from perceiver.model import CrossAttention, SelfAttention
-from perceiver.position import fourier_features, patchify
+from perceiver.models.perceiver import CrossAttention, SelfAttention
+from perceiver.models.position import fourier_features, patchify
 
 TINY = dict(
     image_size=8,

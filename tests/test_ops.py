@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from perceiver import ops
+from perceiver.models import layers as ops
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])

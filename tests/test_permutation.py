@@ -10,8 +10,8 @@ import torch
 from omegaconf import DictConfig
 
 from perceiver import FixedPermutation, Perceiver, ViT
+from perceiver.experiment.build import build_parts, make_model
 from tests.test_model import TINY, permute_patches, trainable
-from train import build_parts
 
 TINY_VIT = dict(image_size=8, patch_size=2, num_classes=5, embed_dim=16, depth=2, num_heads=2)
 
@@ -138,10 +138,10 @@ def test_wrong_length_is_refused() -> None:
 
 
 def test_vit_config_skips_only_perceiver_fields() -> None:
-    model = ViT.from_config(**TINY_VIT, latent_dim=16, num_iterations=2)
+    model = make_model(ViT, **TINY_VIT, latent_dim=16, num_iterations=2)
     assert trainable(model) == trainable(ViT(**TINY_VIT))
     with pytest.raises(TypeError, match="embed_dm"):
-        ViT.from_config(**TINY_VIT, embed_dm=16)
+        make_model(ViT, **TINY_VIT, embed_dm=16)
 
 
 @pytest.mark.parametrize("model", ["perceiver", "vit"])

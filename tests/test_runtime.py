@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from perceiver.runtime import keep_freed_memory
+from perceiver.training.device import keep_freed_memory
 
 PROBE = """
 import sys, torch
-from perceiver.runtime import keep_freed_memory
+from perceiver.training.device import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def resident_mib():

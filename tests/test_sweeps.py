@@ -21,12 +21,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import sweep
-from perceiver.engine import configure_determinism
-from perceiver.summary import Summary, markdown_table, plot_data, summarize, write_summary
-from perceiver.sweeps import grid, run_name, run_tags, wandb_sweep_config
+from perceiver.experiment.config import ConfigError
+from perceiver.experiment.run import train
+from perceiver.experiment.summary import Summary, markdown_table, plot_data, summarize, write_summary
+from perceiver.experiment.sweeps import grid, run_name, run_tags, wandb_sweep_config
+from perceiver.training.device import configure_determinism
 from tests.conftest import CONF, REPO
 from tests.wandb_files import read_offline_run
-from train import ConfigError, train
 
 TINY_JOBS = ["experiment=cpu_smoke", "logger.mode=offline", "trainer.epochs=2", "data.source.num_train=600"]
 ABLATIONS = sorted(p.stem for p in (CONF / "ablation").glob("*.yaml"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from perceiver.tracking import NullTracker, WandbTracker, has_wandb_credentials, resolve_mode
+from perceiver.experiment.tracking import NullTracker, WandbTracker, has_wandb_credentials, resolve_mode
 from tests.conftest import REPO
 from tests.wandb_files import read_offline_run
 

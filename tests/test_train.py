@@ -14,10 +14,10 @@ import torch
 from omegaconf import DictConfig
 
 from perceiver import Perceiver, TrainSettings
-from perceiver.flops import training_flops
+from perceiver.experiment.run import train
+from perceiver.training.metrics import training_flops
 from tests.conftest import REPO
 from tests.wandb_files import read_offline_run
-from train import train
 
 SMOKE = ["experiment=cpu_smoke"]
 

@@ -12,8 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from perceiver.experiment.tracking import has_wandb_credentials
 
 MAX_TAG_LENGTH = 64  # W&B rejects longer tags
 MAX_NAME_LENGTH = 128
@@ -115,3 +121,67 @@ def wandb_sweep_config(
     if project:
         config["project"] = project
     return config
+
+
+# ----------------------------------------------------------------------------- the sweep command line
+
+
+class SweepError(Exception):
+    """A bad command line or sweep directory: one message, no traceback."""
+
+
+def ablations(conf_dir: Path) -> dict[str, str]:
+    """Named grids and the one-line comment that says what each reproduces."""
+    named = {}
+    for path in sorted((Path(conf_dir) / "ablation").glob("*.yaml")):
+        comments = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("# ")]
+        named[path.stem] = next((c for c in comments if not c.startswith("@package")), "")
+    return named
+
+
+def compose_sweep(conf_dir: Path, overrides: Sequence[str]) -> DictConfig:
+    """The sweep's config with its Hydra node, composed from the non-sweep overrides (fails fast on typos)."""
+    import perceiver.experiment.config  # noqa: F401 - registers the schemas conf/train.yaml names
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            return compose("train", overrides=fixed, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        hint = f"; named grids: {', '.join(ablations(conf_dir))}" if "ablation" in str(error) else ""
+        raise SweepError(f"{error}{hint}") from error
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def recorded_command(sweep_dir: Path) -> list[str]:
+    """The overrides a sweep was launched with (its multirun.yaml), without its directory and mode."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        raise SweepError(f"{path} not found: resume needs a sweep directory made by train.py --multirun or sweep.py")
+    recorded = OmegaConf.load(path).hydra.overrides
+    launcher = [o for o in recorded.hydra if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
+    return [*recorded.task, *launcher]
+
+
+def write_wandb_sweep(conf_dir: Path, overrides: Sequence[str]) -> int:
+    """A native W&B grid sweep over the same grid; created on the server when credentials exist."""
+    config = compose_sweep(conf_dir, overrides)
+    arguments = grid_arguments(config.hydra.sweeper.get("params"), overrides)
+    name = config.ablation.name or "sweep"
+    sweep = wandb_sweep_config(arguments, name=name, project=config.logger.get("project"))
+    out = Path(config.hydra.sweep.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "wandb_sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    print(f"W&B sweep config: {path}")
+    if not has_wandb_credentials():
+        print(f"no W&B credentials: create it later with `wandb sweep {path}`, then run `wandb agent SWEEP_ID`")
+        return 0
+    import wandb
+
+    sweep_id = wandb.sweep(sweep, project=config.logger.get("project"), entity=config.logger.get("entity"))
+    print(f"created W&B sweep {sweep_id}: run agents with `wandb agent {sweep_id}`")
+    return 0

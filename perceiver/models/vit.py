@@ -7,18 +7,11 @@ the Perceiver does not. Here the shuffle is applied to the image's pixels before
 
 from __future__ import annotations
 
-import inspect
-import logging
-
-import timm
 import torch
 from torch import nn
 
-from perceiver import checks
-from perceiver.model import Perceiver
-from perceiver.permutation import FixedPermutation, check_permutation_arguments
-
-log = logging.getLogger(__name__)
+from perceiver.models import checks
+from perceiver.models.permutation import FixedPermutation, check_permutation_arguments
 
 
 class ViT(nn.Module):
@@ -63,6 +56,8 @@ class ViT(nn.Module):
         )
         self.num_classes = num_classes
         self.permutation = FixedPermutation(image_size * image_size, permutation_seed) if permute_inputs else None
+        import timm  # here, not at the top: importing timm also imports wandb when it is installed
+
         # Every architecture argument is overridden; the name only picks timm's ViT family, never weights.
         self.vit = timm.create_model(
             "vit_small_patch16_224",
@@ -81,22 +76,29 @@ class ViT(nn.Module):
             drop_path_rate=drop_path_rate,
         )
 
-    @classmethod
-    def from_config(cls, **fields: object) -> ViT:
-        """The config's entry point (`model=vit`): like `ViT(**fields)`, but it skips, with a warning, the
-        Perceiver-only fields (latent_dim, ...) that Perceiver presets such as `experiment=cpu_smoke` set,
-        so those presets and grids combine with `model=vit`. Any other unknown field is still an error."""
-        own = set(inspect.signature(cls).parameters)
-        perceiver_only = sorted(set(fields) & (set(inspect.signature(Perceiver).parameters) - own))
-        if perceiver_only:
-            log.warning("model=vit ignores the Perceiver-only setting(s) %s", ", ".join(perceiver_only))
-        return cls(**{name: value for name, value in fields.items() if name not in perceiver_only})
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) normalised images -> (B, num_classes) logits."""
         if self.permutation is not None:
             images = self.permutation.permute_pixels(images)
         return self.vit(images)
+
+    def forward_flops(self, batch_size: int) -> tuple[int, int]:
+        """(FLOPs of timm's ViT forward pass for one batch, of which the patch embedding's), counted as
+        `Perceiver.forward_flops` counts them."""
+        vit = self.vit
+        tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
+        d = vit.embed_dim
+        embedding = vit.patch_embed.num_patches * vit.patch_embed.proj.weight[0].numel() * d
+        per_image = d * vit.num_classes
+        for block in vit.blocks:
+            per_image += tokens * d * 3 * d + 2 * tokens * tokens * d + tokens * d * d
+            per_image += 2 * tokens * d * block.mlp.fc1.out_features
+        return 2 * batch_size * (per_image + embedding), 2 * batch_size * embedding
+
+    def training_flops(self, batch_size: int) -> int:
+        """FLOPs of one training step; the patch embedding's input needs no gradient."""
+        forward, embedding = self.forward_flops(batch_size)
+        return 3 * forward - embedding
 
 
 def check_arguments(**args: object) -> None:

@@ -13,15 +13,16 @@ Every axis the paper ablates is a constructor argument; the names follow the exa
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perceiver import checks, ops
-from perceiver.permutation import FixedPermutation, check_permutation_arguments
-from perceiver.position import POSITION_ENCODINGS, PatchEncoder
+from perceiver.models import checks, layers
+from perceiver.models.permutation import FixedPermutation, check_permutation_arguments
+from perceiver.models.position import POSITION_ENCODINGS, PatchEncoder
 
 WEIGHT_SHARING = ("all", "all_but_first", "none")
 
@@ -34,7 +35,7 @@ class FeedForward(nn.Sequential):
             nn.Linear(in_dim, hidden_dim),
             nn.GELU(),
             nn.Linear(hidden_dim, out_dim),
-            ops.Dropout(dropout_rate),
+            layers.Dropout(dropout_rate),
         )
 
 
@@ -99,7 +100,7 @@ class CrossAttention(nn.Module):
         # The learned scale multiplies q: (s q) k^T = s (q k^T), and attention then runs with scale=1.
         q = (self.to_q(latents) * self.score_scale).expand(keys.shape[0], -1, -1)
         dropout_p = self.attention_dropout_rate if self.training else 0.0
-        attended = ops.attention(split_heads(q, self.num_heads), keys, values, 1.0, dropout_p)
+        attended = layers.attention(split_heads(q, self.num_heads), keys, values, 1.0, dropout_p)
         x = self.ffn_norm(merge_heads(attended) + latents)
         return self.ffn(x) + x
 
@@ -122,7 +123,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
         dropout_p = self.attention_dropout_rate if self.training else 0.0
-        attended = ops.attention(q, k, v, q.shape[-1] ** -0.5, dropout_p)
+        attended = layers.attention(q, k, v, q.shape[-1] ** -0.5, dropout_p)
         return self.out(merge_heads(attended))
 
 
@@ -148,6 +149,24 @@ class LatentBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x))
         return x + self.ffn(self.ffn_norm(x))
+
+
+class LatentTransformer(nn.Sequential):
+    """`num_blocks` LatentBlocks in a row: what each iteration applies to the latents after its cross-attend."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        dim: int,
+        num_heads: int,
+        key_dim: int,
+        ffn_units: int,
+        dropout_rate: float,
+        attention_dropout_rate: float,
+        eps: float,
+    ) -> None:
+        block = (dim, num_heads, key_dim, ffn_units, dropout_rate, attention_dropout_rate, eps)
+        super().__init__(*(LatentBlock(*block) for _ in range(num_blocks)))
 
 
 def sharing_plan(weight_sharing: str, num_iterations: int) -> tuple[list[int], list[int]]:
@@ -199,30 +218,7 @@ class Perceiver(nn.Module):
         key_dim = projection_dim if key_dim is None else key_dim
         ffn_units = projection_dim if ffn_units is None else ffn_units
         classifier_units = projection_dim if classifier_units is None else classifier_units
-        check_arguments(
-            image_size=image_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            num_classes=num_classes,
-            latent_dim=latent_dim,
-            projection_dim=projection_dim,
-            num_heads=num_heads,
-            key_dim=key_dim,
-            cross_attention_heads=cross_attention_heads,
-            num_transformer_blocks=num_transformer_blocks,
-            num_iterations=num_iterations,
-            ffn_units=ffn_units,
-            classifier_units=classifier_units,
-            dropout_rate=dropout_rate,
-            attention_dropout_rate=attention_dropout_rate,
-            weight_sharing=weight_sharing,
-            position_encoding=position_encoding,
-            fourier_num_bands=fourier_num_bands,
-            fourier_max_freq=fourier_max_freq,
-            latent_init_std=latent_init_std,
-            permute_inputs=permute_inputs,
-            permutation_seed=permutation_seed,
-        )
+        check_arguments(**{name: value for name, value in locals().items() if name in ARGUMENTS})
         self.num_classes = num_classes
         self.latent_init_std = latent_init_std
         self.encoder = PatchEncoder(
@@ -239,32 +235,13 @@ class Perceiver(nn.Module):
         self.permutation = FixedPermutation(self.encoder.num_patches, permutation_seed) if permute_inputs else None
         self.latents = nn.Parameter(torch.empty(latent_dim, projection_dim))
         self.cross_index, self.latent_index = sharing_plan(weight_sharing, num_iterations)
+        dropouts = (dropout_rate, attention_dropout_rate, layer_norm_eps)
         self.cross_attends = nn.ModuleList(
-            CrossAttention(
-                projection_dim,
-                cross_attention_heads,
-                ffn_units,
-                dropout_rate,
-                attention_dropout_rate,
-                layer_norm_eps,
-            )
+            CrossAttention(projection_dim, cross_attention_heads, ffn_units, *dropouts)
             for _ in range(max(self.cross_index) + 1)
         )
         self.latent_transformers = nn.ModuleList(
-            nn.Sequential(
-                *(
-                    LatentBlock(
-                        projection_dim,
-                        num_heads,
-                        key_dim,
-                        ffn_units,
-                        dropout_rate,
-                        attention_dropout_rate,
-                        layer_norm_eps,
-                    )
-                    for _ in range(num_transformer_blocks)
-                )
-            )
+            LatentTransformer(num_transformer_blocks, projection_dim, num_heads, key_dim, ffn_units, *dropouts)
             for _ in range(max(self.latent_index) + 1)
         )
         # The example ends in Dropout *after* the logits (its `create_ffn` always appends one);
@@ -301,8 +278,50 @@ class Perceiver(nn.Module):
             latents = self.latent_transformers[latent](latents)
         return latents
 
+    def forward_head(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) final latents -> (B, num_classes) logits: mean over latents, then the classifier."""
+        return self.head(latents.mean(dim=1))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(images).mean(dim=1))
+        return self.forward_head(self.forward_features(images))
+
+    def forward_flops(self, batch_size: int) -> tuple[int, int]:
+        """(FLOPs of the forward pass of one batch, of which the image projection's): matrix products only,
+        2 per multiply-add, as `torch.utils.flop_counter` counts them, following what `forward` computes.
+
+        The data array's keys and values are computed once per cross-attention module, and the first
+        cross-attend's queries once per batch (the latents are the same for every image).
+        """
+        m = self.encoder.num_patches
+        n, d = self.latents.shape
+        projection = m * self.encoder.projection.in_features * d
+        per_image = len(set(self.cross_index)) * m * d * 2 * d  # keys and values, once per module
+        shared = 0
+        for step, (c, t) in enumerate(zip(self.cross_index, self.latent_index, strict=True)):
+            queries = n * d * d
+            if step == 0:
+                shared += queries
+            else:
+                per_image += queries
+            ffn_hidden = self.cross_attends[c].ffn[0].out_features
+            per_image += 2 * n * m * d + 2 * n * d * ffn_hidden  # scores and weighted sum; feed-forward
+            for block in self.latent_transformers[t]:
+                qkv_width = block.attention.qkv.out_features
+                inner = qkv_width // 3  # heads x key_dim
+                hidden = block.ffn[0].out_features
+                per_image += n * d * qkv_width + 2 * n * n * inner + n * inner * d + 2 * n * d * hidden
+        head_in, head_hidden = self.head[0].in_features, self.head[0].out_features
+        per_image += head_in * head_hidden + head_hidden * self.head[2].out_features
+        return 2 * (batch_size * (per_image + projection) + shared), 2 * batch_size * projection
+
+    def training_flops(self, batch_size: int) -> int:
+        """FLOPs of one training step on `batch_size` images: a product's backward pass costs two products
+        (input and weight gradients), except the image projection's, whose input needs no gradient."""
+        forward, projection = self.forward_flops(batch_size)
+        return 3 * forward - projection
+
+
+ARGUMENTS = tuple(inspect.signature(Perceiver).parameters)  # what check_arguments is given
 
 
 def check_arguments(**args: object) -> None:

@@ -1,53 +1,27 @@
-"""Data sets as uint8 image tensors, the seeded validation split, normalisation statistics and loaders.
+"""Where images come from: CIFAR (torchvision), generated images, or a folder of class subfolders.
 
-Every source yields images as uint8 (C, H, W) and int64 labels; conversion to float, normalisation,
-resizing and augmentation happen later, on whole batches on the training device (`augment.py`).
-CIFAR and synthetic data fit in memory and are served as device-resident tensors; an image folder is
-read lazily through a DataLoader.
+Every source yields uint8 (C, H, W) images and int64 labels; conversion to float, normalisation, resizing
+and augmentation happen later, on whole batches on the training device (`augment.py`). CIFAR and synthetic
+data load as in-memory tensors; an image folder is checked up front and read lazily.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import Dataset, Subset
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+from perceiver.data.dataset import ArrayDataset, DataError, split_indices
+
 log = logging.getLogger(__name__)
-
-
-class DataError(RuntimeError):
-    """The data a run asked for is missing or unusable; the message says how to fix it."""
-
-
-class ArrayDataset(Dataset):
-    """Images (N, C, H, W) uint8 and labels (N,) int64 held as two tensors."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images = images
-        self.labels = labels.long()
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> Batch:
-        return self.images[index], self.labels[index]
-
-    def subset(self, indices: torch.Tensor) -> ArrayDataset:
-        return ArrayDataset(self.images[indices], self.labels[indices])
 
 
 # ----------------------------------------------------------------------------- sources
@@ -278,6 +252,11 @@ class ImageFolderSource:
         self.check()
         self.classes = sorted(self.scans["data.source.path"].images)
         self.num_classes = len(self.classes)
+        if self.num_classes < 2:
+            raise DataError(
+                f"data.source.path={str(self.path)!r} has {self.num_classes} class with images "
+                f"({', '.join(self.classes)}); a classifier needs at least 2 classes: add a subfolder per class"
+            )
 
     @property
     def cache_key(self) -> str:
@@ -362,250 +341,3 @@ class ScannedImages(Dataset):
         except Exception as error:  # passed the scan, but its pixel data is damaged
             raise DataError(f"{path} could not be decoded ({error}); remove or replace it") from error
         return self.transform(rgb), label
-
-
-# ----------------------------------------------------------------------------- splits and statistics
-
-
-def split_indices(count: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random split of range(count) into (1 - fraction, fraction) parts."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"split fraction {fraction!r} is invalid: it must be in (0, 1)")
-    held = max(1, round(count * fraction))
-    if held >= count:
-        raise DataError(f"cannot hold out {fraction:.0%} of {count} images and keep any for training")
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-    return order[held:].sort().values, order[:held].sort().values
-
-
-def subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
-    if isinstance(dataset, ArrayDataset):
-        return dataset.subset(indices)
-    return Subset(dataset, indices.tolist())
-
-
-def channel_stats(dataset: Dataset, max_images: int = 50_000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std in [0, 255] units over (up to max_images of) a data set."""
-    if isinstance(dataset, ArrayDataset):
-        images = dataset.images[:max_images].double()
-        mean = images.mean(dim=(0, 2, 3))
-        std = images.std(dim=(0, 2, 3), unbiased=False)
-        return mean.tolist(), std.tolist()
-    total = total_sq = None
-    pixels = 0
-    loader = DataLoader(dataset, batch_size=256, num_workers=0)
-    seen = 0
-    for images, _ in loader:
-        x = images[: max_images - seen].double()  # the last batch may overshoot max_images
-        s, sq = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
-        total = s if total is None else total + s
-        total_sq = sq if total_sq is None else total_sq + sq
-        pixels += x.shape[0] * x.shape[2] * x.shape[3]
-        seen += x.shape[0]
-        if seen >= max_images:
-            break
-    mean = total / pixels
-    std = (total_sq / pixels - mean * mean).clamp_min(0).sqrt()
-    return mean.tolist(), std.tolist()
-
-
-def cached_channel_stats(dataset: Dataset, key: str, cache_dir: Path | None) -> tuple[list[float], list[float]]:
-    """`channel_stats`, stored as JSON under cache_dir so later runs on the same split skip the pass."""
-    if cache_dir is None:
-        return channel_stats(dataset)
-    cache_file = Path(cache_dir) / f"stats-{key}.json"
-    if cache_file.is_file():
-        try:
-            stored = json.loads(cache_file.read_text())
-            return stored["mean"], stored["std"]
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable cache: recompute and overwrite
-    mean, std = channel_stats(dataset)
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache_file.with_suffix(f".tmp{os.getpid()}")
-        temporary.write_text(json.dumps({"mean": mean, "std": std}))
-        temporary.replace(cache_file)
-    except OSError:
-        pass  # a read-only data root only costs the recomputation next time
-    return mean, std
-
-
-@dataclass
-class Splits:
-    train: Dataset
-    val: Dataset
-    test: Dataset
-    num_classes: int
-    mean: list[float]
-    std: list[float]
-
-
-def prepare_splits(
-    source: DataSource, val_fraction: float = 0.1, seed: int = 0, cache_dir: Path | None = None
-) -> Splits:
-    """Load a source, hold out a seeded validation split of its training set, and compute
-    normalisation statistics on what remains (the example's `Normalization.adapt`). A failed load
-    raises DataError itself; callers that want to fail before other work call `source.check()` first."""
-    train_full, test = source.load()
-    train_idx, val_idx = split_indices(len(train_full), val_fraction, seed)
-    train = subset(train_full, train_idx)
-    key = f"{source.cache_key}-n{len(train_full)}-val{val_fraction}-seed{seed}"
-    mean, std = cached_channel_stats(train, key, cache_dir)
-    return Splits(train, subset(train_full, val_idx), test, source.num_classes, mean, std)
-
-
-# ----------------------------------------------------------------------------- loaders
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A seed of its own for each (run seed, epoch): an epoch's order does not depend on the epochs before it,
-    so a run resumed at any epoch sees the batches an uninterrupted run would."""
-    return int(np.random.SeedSequence([seed % 2**64, epoch]).generate_state(1)[0])
-
-
-def epoch_order(count: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
-    if not shuffle:
-        return torch.arange(count)
-    return torch.randperm(count, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This rank's share of every epoch: every `world_size`-th index of the epoch's order from `rank` on.
-
-    All ranks draw the same order, so the shards are disjoint, and global batch i (batch size x world
-    size) is exactly batch i of a single process with that batch size. `even` cuts every shard to the
-    same length (training: every rank must take the same number of steps); evaluation keeps every image.
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    even: bool = True
-
-    def length(self, count: int) -> int:
-        if self.even:
-            return count // self.world_size
-        return len(range(self.rank, count, self.world_size))
-
-    def select(self, order: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return order
-        return order[self.rank :: self.world_size][: self.length(len(order))]
-
-
-class DeviceBatches:
-    """Batches sliced from a device-resident ArrayDataset; no workers, no per-sample Python.
-
-    Each pass serves the next epoch (from 1) unless `set_epoch` picks one, and a part of one, to serve.
-    """
-
-    def __init__(
-        self,
-        dataset: ArrayDataset,
-        batch_size: int,
-        device: torch.device,
-        shuffle: bool = False,
-        drop_last: bool = False,
-        seed: int = 0,
-        shard: Shard | None = None,
-    ) -> None:
-        self.images = dataset.images.to(device)
-        self.labels = dataset.labels.to(device)
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.seed = seed
-        self.shard = shard or Shard()
-        self.epoch, self.start_batch = 1, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """The next pass serves `epoch`'s batches from `start_batch` on (a resumed run skips those done)."""
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        """Batches in a whole epoch (of this rank's shard)."""
-        count = self.shard.length(len(self.labels))
-        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
-
-    def __iter__(self) -> Iterator[Batch]:
-        order = self.shard.select(epoch_order(len(self.labels), self.shuffle, self.seed, self.epoch))
-        order = order.to(self.images.device)
-        first = self.start_batch
-        self.epoch, self.start_batch = self.epoch + 1, 0
-        for start in range(first * self.batch_size, len(self) * self.batch_size, self.batch_size):
-            index = order[start : start + self.batch_size]
-            yield self.images[index], self.labels[index]
-
-
-class EpochSampler(Sampler[int]):
-    """DataLoader indices in a per-epoch seeded order, like DeviceBatches: each pass serves the next epoch
-    unless `set_epoch` picks one, from a start index on. Its length is always a whole epoch's."""
-
-    def __init__(self, size: int, shuffle: bool, seed: int, shard: Shard | None = None) -> None:
-        self.size, self.shuffle, self.seed, self.shard = size, shuffle, seed, shard or Shard()
-        self.epoch, self.start = 1, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return self.shard.length(self.size)
-
-    def __iter__(self) -> Iterator[int]:
-        order = self.shard.select(epoch_order(self.size, self.shuffle, self.seed, self.epoch))
-        first = self.start
-        self.epoch, self.start = self.epoch + 1, 0
-        yield from order[first:].tolist()
-
-
-class EpochDataLoader(DataLoader):
-    """A DataLoader over an EpochSampler that can serve a given epoch from a given batch (resuming)."""
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
-        self.generator.manual_seed(epoch_seed(self.sampler.seed + 1, epoch))  # worker seeds, per epoch
-
-
-class TransformedDataset(Dataset):
-    """Applies a per-sample transform (e.g. timm RandAugment on PIL images) in DataLoader workers."""
-
-    def __init__(self, dataset: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.dataset = dataset
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Batch:
-        image, label = self.dataset[index]
-        return self.transform(image), label
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    device: torch.device,
-    shuffle: bool = False,
-    drop_last: bool = False,
-    seed: int = 0,
-    num_workers: int = 2,
-    sample_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    shard: Shard | None = None,
-):
-    """Device-resident batches for in-memory data; a DataLoader for folders and per-sample transforms.
-    `shard`: this rank's part of every epoch in a distributed run."""
-    if isinstance(dataset, ArrayDataset) and sample_transform is None:
-        return DeviceBatches(dataset, batch_size, device, shuffle, drop_last, seed, shard)
-    if sample_transform is not None:
-        dataset = TransformedDataset(dataset, sample_transform)
-    return EpochDataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), shuffle, seed, shard),
-        drop_last=drop_last,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),
-    )

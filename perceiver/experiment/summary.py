@@ -2,11 +2,13 @@
 top-1 against the ablated axis, and the same table and plot as a W&B run in the sweep's group.
 
 Reads only what the jobs wrote (`.hydra/overrides.yaml`, `metrics.json`, `error.txt`), so it works on
-a finished, failed or half-done sweep, and again at any time later.
+a finished, failed or half-done sweep, and again at any time later. `SweepSummary` is the Hydra callback
+that does it at the end of every `--multirun`, under any launcher or sweeper.
 """
 
 from __future__ import annotations
 
+import atexit
 import csv
 import json
 import logging
@@ -18,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
-from perceiver.sweeps import parse_value, recorded_sweep, short_key, split_override, swept_in
+from perceiver.experiment.sweeps import parse_value, recorded_sweep, short_key, split_override, swept_in
 
 log = logging.getLogger(__name__)
 
@@ -263,3 +267,71 @@ def table(rows: Sequence[dict[str, Any]]) -> Any:
 
     columns = list(rows[0])
     return wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+
+
+def report(sweep_dir: Path, use_wandb: bool = True, logger: Any = None) -> int:
+    """Write the tables and the plot, print the table, log the W&B summary run with the `logger` settings
+    (default: the sweep's own, from its multirun.yaml); 1 if any job is not finished."""
+    summary = summarize(sweep_dir)
+    tracker_factory = logger_factory(logger or summary.settings.get("logger")) if use_wandb else None
+    files = write_summary(summary)
+    print(markdown_table(summary) if summary.rows else "no finished jobs")
+    statuses = [job.status for job in summary.jobs]
+    counts = {status: statuses.count(status) for status in ("finished", "failed", "incomplete")}
+    print(", ".join(f"{n} {status}" for status, n in counts.items()) + f" of {len(summary.jobs)} jobs")
+    for name, path in files.items():
+        print(f"{name}: {path}")
+    if tracker_factory is not None:
+        run_id = log_to_wandb(summary, files, tracker_factory)
+        if run_id:
+            print(f"W&B summary run {run_id} in group {summary.sweep_dir.name}")
+    if any(sweep_dir.glob("**/wandb/offline-run-*")):
+        runs = f"{sweep_dir}/*/wandb/offline-run-* {sweep_dir}/wandb/offline-run-*"
+        print(f"offline W&B runs: upload them all with `wandb sync {runs}`")
+    for job in summary.jobs:
+        if job.status == "failed":
+            print(f"job {job.number} failed: {job.error} (see {job.directory / 'error.txt'})")
+    return 0 if counts["finished"] == len(summary.jobs) else 1
+
+
+def logger_factory(logger: Any) -> Any:
+    """The sweep's own logger settings (mode, project, entity) for its summary run; W&B (auto) without any."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    if logger is None:
+        from perceiver.experiment.tracking import WandbTracker
+
+        return lambda **kwargs: WandbTracker(mode="auto", **kwargs)
+    return instantiate(OmegaConf.create(logger) if isinstance(logger, dict) else logger)
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun, the sweep's summary: tables, plot, and a W&B run in the sweep's group.
+
+    A sweep whose job failed ends before Hydra's `on_multirun_end`; the summary is then written when the
+    process exits, so it is there either way.
+    """
+
+    def __init__(self, log_to_wandb: bool = True) -> None:
+        self.log_to_wandb = log_to_wandb
+        self.sweep_dir: Path | None = None
+        self.logger: Any = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.logger = config.get("logger")
+        atexit.register(self.write)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.write()
+
+    def write(self) -> None:
+        """Once per sweep; a summary that cannot be made never hides the sweep's own outcome."""
+        sweep_dir, self.sweep_dir = self.sweep_dir, None
+        if sweep_dir is None:
+            return
+        try:
+            report(sweep_dir, self.log_to_wandb, self.logger)
+        except Exception as error:
+            log.warning("no sweep summary for %s: %s: %s", sweep_dir, type(error).__name__, error)

@@ -1,4 +1,4 @@
-"""Dropout and attention for the training step, made cheap on the CPU without changing the math.
+"""Shared layers: dropout and attention for the training step, made cheap on the CPU without changing the math.
 
 Measured on a 2-core CPU (docs/benchmarks.md): `torch.bernoulli_` draws one 32-bit number per element from
 a serial generator, and was about a quarter of a training step at the benchmark's small setting; attention

@@ -1,0 +1,26 @@
+"""Data: sources -> uint8 tensors or lazy data sets, the seeded splits and statistics, loaders, and the
+batched augmentation that turns uint8 batches into model inputs on the training device."""
+
+from perceiver.data.augment import BatchAugment
+from perceiver.data.dataset import ArrayDataset, DataError, split_indices
+from perceiver.data.loaders import DeviceBatches, EpochSampler, Shard, make_loader
+from perceiver.data.sources import CifarSource, DataSource, ImageFolderSource, SyntheticSource
+from perceiver.data.splits import Splits, channel_stats, prepare_splits
+
+__all__ = [
+    "ArrayDataset",
+    "BatchAugment",
+    "CifarSource",
+    "DataError",
+    "DataSource",
+    "DeviceBatches",
+    "EpochSampler",
+    "ImageFolderSource",
+    "Shard",
+    "Splits",
+    "SyntheticSource",
+    "channel_stats",
+    "make_loader",
+    "prepare_splits",
+    "split_indices",
+]

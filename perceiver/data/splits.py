@@ -1,0 +1,92 @@
+"""The seeded validation split and the normalisation statistics of what is left for training."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from perceiver.data.dataset import ArrayDataset, split_indices
+from perceiver.data.sources import DataSource
+from perceiver.files import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
+    if isinstance(dataset, ArrayDataset):
+        return dataset.subset(indices)
+    return Subset(dataset, indices.tolist())
+
+
+def channel_stats(dataset: Dataset, max_images: int = 50_000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 255] units over (up to max_images of) a data set."""
+    if isinstance(dataset, ArrayDataset):
+        images = dataset.images[:max_images].double()
+        mean = images.mean(dim=(0, 2, 3))
+        std = images.std(dim=(0, 2, 3), unbiased=False)
+        return mean.tolist(), std.tolist()
+    total = total_sq = None
+    pixels = 0
+    # Its own generator: creating an iterator draws a seed, and the global RNG belongs to training.
+    loader = DataLoader(dataset, batch_size=256, num_workers=0, generator=torch.Generator().manual_seed(0))
+    seen = 0
+    for images, _ in loader:
+        x = images[: max_images - seen].double()  # the last batch may overshoot max_images
+        s, sq = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
+        total = s if total is None else total + s
+        total_sq = sq if total_sq is None else total_sq + sq
+        pixels += x.shape[0] * x.shape[2] * x.shape[3]
+        seen += x.shape[0]
+        if seen >= max_images:
+            break
+    mean = total / pixels
+    std = (total_sq / pixels - mean * mean).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def cached_channel_stats(dataset: Dataset, key: str, cache_dir: Path | None) -> tuple[list[float], list[float]]:
+    """`channel_stats`, stored as JSON under cache_dir so later runs on the same split skip the pass."""
+    if cache_dir is None:
+        return channel_stats(dataset)
+    cache_file = Path(cache_dir) / f"stats-{key}.json"
+    if cache_file.is_file():
+        try:
+            stored = json.loads(cache_file.read_text())
+            return stored["mean"], stored["std"]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache: recompute and overwrite
+    mean, std = channel_stats(dataset)
+    try:
+        write_text_atomic(cache_file, json.dumps({"mean": mean, "std": std}))
+    except OSError as error:  # a read-only data root only costs the recomputation next time
+        log.warning("statistics not cached in %s (%s): they are computed again next time", cache_dir, error.strerror)
+    return mean, std
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    mean: list[float]
+    std: list[float]
+
+
+def prepare_splits(
+    source: DataSource, val_fraction: float = 0.1, seed: int = 0, cache_dir: Path | None = None
+) -> Splits:
+    """Load a source, hold out a seeded validation split of its training set, and compute
+    normalisation statistics on what remains (the example's `Normalization.adapt`). A failed load
+    raises DataError itself; callers that want to fail before other work call `source.check()` first."""
+    train_full, test = source.load()
+    train_idx, val_idx = split_indices(len(train_full), val_fraction, seed)
+    train = subset(train_full, train_idx)
+    key = f"{source.cache_key}-n{len(train_full)}-val{val_fraction}-seed{seed}"
+    mean, std = cached_channel_stats(train, key, cache_dir)
+    return Splits(train, subset(train_full, val_idx), test, source.num_classes, mean, std)

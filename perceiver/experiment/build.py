@@ -1,0 +1,189 @@
+"""Config -> parts: every part is built with Hydra's `instantiate`, cheapest first, and every error is turned
+into a ConfigError that names the config path it came from."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from perceiver.data import BatchAugment, DataError, DataSource, Shard, Splits, make_loader, prepare_splits
+from perceiver.experiment.config import ConfigError, check_run_settings, train_settings
+from perceiver.experiment.tracking import resolve_mode
+from perceiver.models import Perceiver, ViT
+from perceiver.training import TrainingParts, TrainSettings, distributed
+from perceiver.training.device import matmul_peak, resolve_device
+from perceiver.training.metrics import training_flops
+
+log = logging.getLogger(__name__)
+
+MODELS = (Perceiver, ViT)  # a preset's fields for one of these are skipped, with a warning, by the others
+
+
+def describe(group: str, error: BaseException) -> str:
+    """Prefix an error with its config group: `model.image_size=63 ...` or `optimizer: Invalid lr`."""
+    message = str(error)
+    if message.startswith(f"{group}.") or isinstance(error, DataError):
+        return message
+    return f"{group}.{message}" if re.match(r"^\w+=", message) else f"{group}: {message}"
+
+
+def build(group: str, node: DictConfig, *call_args: Any, **kwargs: Any) -> Any:
+    """`instantiate` (then call a `_partial_` with `call_args`), with errors that name the config group."""
+    try:
+        made = instantiate(node, **kwargs)
+        return made(*call_args) if call_args else made
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ValueError | TypeError | DataError):
+            raise ConfigError(describe(group, cause)) from error
+        raise
+    except (ValueError, TypeError, OmegaConfBaseException) as error:
+        raise ConfigError(describe(group, error)) from error
+
+
+def foreign_fields(target: type, names: Any) -> list[str]:
+    """Those of `names` that another known model takes and `target` does not (latent_dim for a ViT, ...)."""
+    own = set(inspect.signature(target).parameters)
+    others = {name for model in MODELS if model is not target for name in inspect.signature(model).parameters}
+    return sorted(set(names) & (others - own))
+
+
+def _warn_skipped(target: type, skipped: list[str]) -> None:
+    if skipped:
+        log.warning("model=%s ignores the setting(s) %s of other models", target.__name__, ", ".join(skipped))
+
+
+def make_model(target: type, **fields: Any) -> torch.nn.Module:
+    """`target(**fields)` without the fields of other models; any other unknown field is still a TypeError."""
+    skipped = foreign_fields(target, fields)
+    _warn_skipped(target, skipped)
+    return target(**{name: value for name, value in fields.items() if name not in skipped})
+
+
+def build_model(node: DictConfig, num_classes: int) -> torch.nn.Module:
+    """The `model` group, as `make_model` builds it: fields a preset set for another model (experiment=cpu_smoke
+    sets Perceiver fields) are dropped with a warning, so presets and grids combine with `model=vit`."""
+    target = get_class(node._target_)
+    skipped = foreign_fields(target, node)
+    _warn_skipped(target, skipped)
+    if skipped:
+        fields = OmegaConf.to_container(node, resolve=True)  # resolved: interpolations need the whole config
+        node = OmegaConf.create({key: value for key, value in fields.items() if key not in skipped})
+    return build("model", node, num_classes=num_classes)
+
+
+def check_num_classes(configured: int | None, actual: int) -> int:
+    if configured is None:
+        return actual
+    if configured != actual:
+        raise ConfigError(
+            f"model.num_classes={configured} disagrees with the data set, which has {actual} classes; "
+            f"drop the override or set model.num_classes={actual}"
+        )
+    return configured
+
+
+@dataclass
+class Parts:
+    settings: TrainSettings
+    device: torch.device
+    source: DataSource
+    model: torch.nn.Module
+    augment: BatchAugment
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    num_classes: int
+
+    def training(self) -> TrainingParts:
+        return TrainingParts(self.model, self.augment, self.optimizer, self.scheduler, self.num_classes)
+
+
+def build_parts(cfg: DictConfig) -> Parts:
+    """Everything cheap, in the order that fails fastest, so a bad setting costs seconds, not a data download."""
+    check_run_settings(cfg)
+    settings = train_settings(cfg)
+    try:
+        device = distributed.rank_device(resolve_device(settings.device), distributed.current())
+        resolve_mode(cfg.logger.get("mode", "disabled"))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from error
+    source = build("data.source", cfg.data.source)
+    try:
+        source.check()
+    except DataError as error:
+        raise ConfigError(str(error)) from error
+    num_classes = check_num_classes(cfg.model.get("num_classes"), source.num_classes)
+    model = build_model(cfg.model, num_classes).to(device)
+    augment = build("augmentation", cfg.augmentation, num_classes=num_classes).to(device)
+    optimizer = build("optimizer", cfg.optimizer, model)
+    scheduler = build("scheduler", cfg.scheduler, optimizer)
+    return Parts(settings, device, source, model, augment, optimizer, scheduler, num_classes)
+
+
+def load_data(cfg: DictConfig, parts: Parts) -> Splits:
+    """Load, split and measure the data; the first step that can take long (a download)."""
+    cache_dir = Path(cfg.paths.data_root).expanduser() / ".cache"
+    try:
+        splits = prepare_splits(parts.source, cfg.data.val_fraction, cfg.seed, cache_dir)
+    except (DataError, ValueError) as error:
+        raise ConfigError(str(error)) from error
+    sizes = (len(splits.train), len(splits.val), len(splits.test), splits.num_classes)
+    log.info("data: %d train / %d val / %d test images, %d classes", *sizes)
+    parts.augment.set_statistics(splits.mean, splits.std)
+    return splits
+
+
+def make_loaders(
+    splits: Splits, parts: Parts, seed: int, context: distributed.Context | None = None
+) -> tuple[Any, Any, Any]:
+    """Each rank gets its shard of every epoch: equal shares for training, all images for evaluation."""
+    settings, device, context = parts.settings, parts.device, context or distributed.Context()
+    train_loader = make_loader(
+        splits.train,
+        settings.batch_size,
+        device,
+        shuffle=True,
+        drop_last=parts.augment.mixes_batches,
+        seed=seed,
+        num_workers=settings.num_workers,
+        sample_transform=parts.augment.sample_transform(),
+        shard=Shard(context.rank, context.world_size, even=True),
+    )
+    val_loader, test_loader = (
+        make_loader(
+            split,
+            settings.batch_size,
+            device,
+            num_workers=settings.num_workers,
+            shard=Shard(context.rank, context.world_size, even=False),
+        )
+        for split in (splits.val, splits.test)
+    )
+    return train_loader, val_loader, test_loader
+
+
+def with_measured_peak(settings: TrainSettings, model: torch.nn.Module, device: torch.device) -> TrainSettings:
+    """`trainer.peak_tflops=auto` measured: the device's matmul peak in the run's precision, the reference of
+    perf/mfu. A model without a FLOP count has no utilisation figures, so nothing is measured for it."""
+    try:
+        per_image = training_flops(model, settings.batch_size) / settings.batch_size
+    except TypeError as error:
+        log.warning("%s; perf/tflops and perf/mfu are not logged", error)
+        return replace(settings, peak_tflops=None)
+    log.info("model: %.4g GFLOP per training image (forward and backward)", per_image / 1e9)
+    if settings.peak_tflops != "auto":
+        return settings
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision, torch.float32)
+    peak = matmul_peak(device, dtype) / 1e12
+    log.info("%s matmul peak of %s: %.2f TFLOP/s (the reference of perf/mfu)", dtype, device, peak)
+    return replace(settings, peak_tflops=peak)

@@ -1,0 +1,75 @@
+"""How an entry point ends: every failure a user can cause becomes one line and an exit code, with the
+entry point's own hint on how to go on; nothing a run wrote is lost.
+
+Exit codes: 0 done; 1 the training failed (a non-finite loss) or Hydra refused the command line; 2 a bad
+setting, missing data or an unusable checkpoint; 128 + N stopped by signal N after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+from perceiver.experiment.config import ConfigError, invalid_value_message
+from perceiver.experiment.run import in_sweep, record_failure, run_directory
+from perceiver.training import CheckpointError, NonFiniteLossError, TrainingInterrupted
+
+log = logging.getLogger(__name__)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def run_hydra_app(main: Callable[[], Any]) -> None:
+    """Run a `@hydra.main` function, reporting Hydra's own failures (the command line, composing the config,
+    creating the run dir) in one line instead of a traceback."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises, and the messages are made here
+    try:
+        main()
+    except ConfigCompositionException as error:
+        cause = error.__cause__
+        if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+            fail(invalid_value_message(cause.full_key, override_value(str(error), cause.full_key)), 2)
+        fail(" ".join(filter(None, [str(error), str(cause or "")])), 1)
+    except (HydraException, OmegaConfBaseException) as error:
+        fail(" ".join(filter(None, [str(error), str(error.__cause__ or "")])), 1)
+    except OSError as error:  # Hydra creating the run or sweep dir
+        where = error.filename or "the output directory"
+        fail(f"cannot create {where} ({error.strerror}); point hydra.run.dir or paths.output_dir elsewhere", 2)
+
+
+def override_value(message: str, key: str) -> str:
+    """`Error merging override trainer.epochs=abc` -> `abc`."""
+    marker = f"{key}="
+    return message.split(marker, 1)[1].strip() if marker in message else "?"
+
+
+def exit_on_failure(
+    error: BaseException, cfg: Any, resume_hint: Callable[[Path], str], skip_hint: Callable[[Path], str]
+) -> NoReturn:
+    """Inside a job: record the failure in the run dir, then exit with one line (a single run) or re-raise
+    (a sweep job, so that Hydra marks it failed and goes on with the others)."""
+    if isinstance(error, TrainingInterrupted):  # SIGTERM/SIGINT: a checkpoint was saved; stop (a whole sweep too)
+        hint = f"\n  resume with: {resume_hint(error.run_dir)}" if error.checkpoint is not None else ""
+        print(f"{error}{hint}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    record_failure(run_directory(cfg), error)
+    if in_sweep():
+        log.error("job failed: %s: %s (the sweep goes on; see error.txt)", type(error).__name__, error)
+        raise error
+    if isinstance(error, ConfigError | CheckpointError):
+        fail(str(error), 2)
+    if isinstance(error, NonFiniteLossError) and error.checkpoint is not None:
+        fail(f"{error}\n  skip such steps: {skip_hint(error.run_dir)}", 1)
+    if isinstance(error, FloatingPointError):  # a non-finite loss, after saving the last good state
+        fail(str(error), 1)
+    raise error

@@ -1,0 +1,96 @@
+"""The device a run trains on and the process-wide settings that make it fast: device choice, autocast,
+determinism, the matmul peak that utilisation figures refer to, and glibc's allocator.
+
+glibc's malloc serves blocks of 32 MiB and more with mmap and returns them to the OS on free, so the large
+activations of the Keras-size model were page-faulted and zeroed afresh every step: 27-53% more step time
+for the implementations benchmarked in docs/benchmarks.md. `keep_freed_memory` makes malloc keep them:
+no mmap'ed blocks and no trimming of the heap, so freed memory is reused by the next step. The process's
+memory then stays at its peak (it does anyway during training). A no-op where the C library is not glibc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
+M_MMAP_MAX = -4
+NEVER_TRIM = 2**31 - 1  # bytes of free heap top kept before trimming; mallopt takes an int
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc malloc to keep freed large blocks for reuse; True when it took both settings."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        log.debug("no glibc mallopt here (%s); malloc settings left as they are", name)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:
+    """FLOP/s of the best square matmul timed for about `seconds`: the reference for utilisation figures.
+
+    Measured rather than looked up, so it is this machine with this library and thread count; the size
+    (2048 on a CPU, 8192 on a GPU) is large enough to reach the matmul kernels' plateau.
+    """
+    size = 8192 if device.type == "cuda" else 2048
+    generator = torch.Generator(device).manual_seed(0)  # its own: timing must not move the run's random numbers
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):  # warm-up: thread pools, kernel selection, clocks
+        torch.mm(a, b, out=out)
+    sync()
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        began = time.perf_counter()
+        torch.mm(a, b, out=out)
+        sync()
+        best = max(best, 2 * size**3 / (time.perf_counter() - began))
+    return best
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when present, else CPU; anything else must name an available device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"trainer.device={name!r} is invalid: use auto, cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"trainer.device={name!r} but CUDA is not available here; use trainer.device=auto or cpu")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass: nothing for fp32, else autocast to bf16 or fp16."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_determinism(enabled: bool) -> None:
+    """Deterministic kernels for exact reruns (slower); TF32 matmuls otherwise on CUDA.
+
+    Set both ways, so one job of a sweep never inherits the previous job's setting in the same process.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cuda.matmul.allow_tf32 = not enabled
+    torch.backends.cudnn.allow_tf32 = not enabled
