@@ -1,5 +1,5 @@
 """The Perceiver as a straightforward PyTorch port of the Keras example would write it: the baseline that
-shows what `perceiver/model.py`'s optimisations buy, and the reference that they do not change the math.
+shows what `perceiver/models/perceiver.py`'s optimisations buy, and the reference that they do not change the math.
 
 Same parameters (it subclasses `Perceiver`, so state dicts are interchangeable), spelled out plainly:
 `F.dropout`, `F.scaled_dot_product_attention` with its own attention dropout, separate key and value

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from PIL import Image
 
 from perceiver.experiment.run import train
 from tests.conftest import CONF, REPO
+from tests.helpers import write_image_folder
 
 SMOKE = "experiment=cpu_smoke"
 TINY = ["data.source.num_train=200", "logger=none"]
@@ -108,16 +108,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     newest.write_bytes(truncated)
     (root / "garbage.pt").write_bytes(os.urandom(5000))
     (root / "empty").mkdir()
-    for name in ("cat", "dog"):
-        (root / "images" / name).mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (8, 8), (40 * i, 90, 200)).save(root / "images" / name / f"{i}.png")
+    write_image_folder(root / "images", ["cat", "dog"], 3, (8, 8), lambda c, i: (40 * i, 90, 200))
     (root / "images" / "cat" / "notes.txt").write_text("not an image")
     (root / "images" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     (root / "images" / "yak").mkdir()
-    (root / "one" / "cat").mkdir(parents=True)
-    for i in range(3):
-        Image.new("RGB", (8, 8), (40 * i, 90, 200)).save(root / "one" / "cat" / f"{i}.png")
+    write_image_folder(root / "one", ["cat"], 3, (8, 8), lambda c, i: (40 * i, 90, 200))
     return root
 
 

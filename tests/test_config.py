@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
-from PIL import Image
 
 from perceiver import Perceiver, ViT
 from perceiver.experiment.build import build_parts
 from perceiver.experiment.config import ConfigError
 from tests.conftest import CONF
+from tests.helpers import write_image_folder
 
 GROUPS = ["model", "data", "augmentation", "optimizer", "scheduler", "logger", "experiment"]
 
@@ -23,12 +23,8 @@ def options(group: str) -> list[str]:
 
 
 def image_folder(root: Path, classes: int = 3, per_class: int = 4) -> Path:
-    for c in range(classes):
-        folder = root / f"class{c}"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            Image.new("RGB", (12, 10), color=(40 * c, 20 * i, 100)).save(folder / f"{i}.png")
-    return root
+    names = [f"class{c}" for c in range(classes)]
+    return write_image_folder(root, names, per_class, (12, 10), lambda c, i: (40 * c, 20 * i, 100))
 
 
 def test_every_group_has_options() -> None:

@@ -36,6 +36,7 @@ from perceiver.data import (
     splits,
 )
 from perceiver.data.splits import cached_channel_stats
+from tests import helpers
 
 CPU = torch.device("cpu")
 
@@ -544,11 +545,8 @@ COLOURS = {"cat": (255, 0, 0), "dog": (0, 255, 0), "emu": (0, 0, 255)}
 
 def write_image_folder(root: Path, per_class: int = 4) -> Path:
     """Class subfolders of small solid-colour PNGs (non-square, to exercise the resize)."""
-    for name, colour in COLOURS.items():
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            Image.new("RGB", (7 + i, 5), colour).save(root / name / f"{i}.png")
-    return root
+    colours = list(COLOURS.values())
+    return helpers.write_image_folder(root, list(COLOURS), per_class, lambda i: (7 + i, 5), lambda c, i: colours[c])
 
 
 def test_image_folder_source_loads_resized_uint8_items_and_holds_out_test_fraction(tmp_path: Path) -> None:

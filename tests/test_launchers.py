@@ -29,24 +29,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import DelayedSubmission, JobPaths, UncompletedJobError
 
-from tests.conftest import CONF, REPO
-from tests.wandb_files import read_offline_run
+from tests.conftest import CONF
+from tests.helpers import job_dirs, offline_runs, run_script
 
 TINY_JOBS = ["experiment=cpu_smoke", "logger.mode=offline", "trainer.epochs=1", "data.source.num_train=600"]
 
 
 def python(*arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train.py", *arguments], cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    return sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-
-
-def offline_runs(job_dir: Path) -> list:
-    return [read_offline_run(path) for path in sorted(job_dir.glob("wandb/offline-run-*/run-*.wandb"))]
+    return run_script("train.py", *arguments, timeout=timeout)
 
 
 @pytest.fixture

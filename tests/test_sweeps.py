@@ -27,24 +27,13 @@ from perceiver.experiment.summary import Summary, markdown_table, plot_data, sum
 from perceiver.experiment.sweeps import grid, run_name, run_tags, wandb_sweep_config
 from perceiver.training.device import configure_determinism
 from tests.conftest import CONF, REPO
-from tests.wandb_files import read_offline_run
+from tests.helpers import job_dirs, offline_runs, run_script
 
 TINY_JOBS = ["experiment=cpu_smoke", "logger.mode=offline", "trainer.epochs=2", "data.source.num_train=600"]
 ABLATIONS = sorted(p.stem for p in (CONF / "ablation").glob("*.yaml"))
 
 
-def python(script: str, *arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, script, *arguments], cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def offline_runs(job_dir: Path) -> list:
-    return [read_offline_run(path) for path in sorted(job_dir.glob("wandb/offline-run-*/run-*.wandb"))]
-
-
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    return sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+python = run_script
 
 
 # --- the grid and the names, without running anything ---------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,20 +15,14 @@ from omegaconf import DictConfig
 from perceiver import Perceiver, TrainSettings
 from perceiver.experiment.run import train
 from perceiver.training.metrics import training_flops
-from tests.conftest import REPO
+from tests.helpers import run_script, write_image_folder
 from tests.wandb_files import read_offline_run
 
 SMOKE = ["experiment=cpu_smoke"]
 
 
 def run_train(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train.py", *overrides],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_script("train.py", *overrides, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -121,17 +114,6 @@ def test_same_seed_same_result(compose_config: Callable[..., DictConfig], tmp_pa
     assert first == second
 
 
-def write_image_folder(root: Path, classes: int = 3, per_class: int = 10) -> Path:
-    """Small PNGs whose colour carries the class."""
-    from PIL import Image
-
-    for c in range(classes):
-        (root / f"class_{c}").mkdir(parents=True)
-        for i in range(per_class):
-            Image.new("RGB", (20, 18), color=(80 * c, 10 * i, 200 - 60 * c)).save(root / f"class_{c}" / f"{i}.png")
-    return root
-
-
 @pytest.mark.parametrize(
     "extra",
     [
@@ -148,7 +130,7 @@ def test_other_pipelines_train_end_to_end(
     if extra == ["IMAGEFOLDER"]:
         extra = [
             "data=imagefolder",
-            f"data.source.path={write_image_folder(tmp_path / 'images')}",
+            f"data.source.path={write_image_folder(tmp_path / 'images', per_class=10, size=(20, 18))}",
             "data.source.image_size=16",
         ]
     cfg = compose_config(
@@ -158,3 +140,20 @@ def test_other_pipelines_train_end_to_end(
     assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
     assert all(0.0 <= metrics["test"][k] <= 1.0 for k in ("top1", "top5"))
     assert math.isfinite(metrics["test"]["loss"])
+
+
+@pytest.mark.slow
+def test_a_plain_multirun_leaves_its_summary_table_and_plot(tmp_path: Path) -> None:
+    """The summary is a Hydra callback: `python train.py --multirun` alone writes it, mean and std over seeds."""
+    sweep_dir = tmp_path / "sweep"
+    result = run_train(
+        "--multirun", *SMOKE, "logger=none", "trainer.epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep_dir}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    top1 = [json.loads((sweep_dir / str(n) / "metrics.json").read_text())["test"]["top1"] for n in (0, 1)]
+    table = (sweep_dir / "summary.md").read_text().splitlines()
+    assert table[0] == "| n | top-1 | top-5 | loss | params |"
+    mean, std = sum(top1) / 2, abs(top1[0] - top1[1]) / 2**0.5
+    assert table[2].startswith(f"| 2 | {mean:.4f} ± {std:.4f} |")
+    assert (sweep_dir / "top1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "2 finished, 0 failed, 0 incomplete of 2 jobs" in result.stdout

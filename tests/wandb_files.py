@@ -83,3 +83,26 @@ def read_offline_run(run_file: Path) -> OfflineRun:
     run.config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items()}
     run.history, run.summary, run.exit_code = history, summary, exit_code
     return run
+
+
+@dataclass(frozen=True)
+class MetricDefinition:
+    """One `run.define_metric` call as W&B recorded it: how the dashboard plots and summarises a key."""
+
+    name: str  # the key, or a glob such as "val/*"
+    step_metric: str  # "" = W&B's own step
+    summary: tuple[str, ...]  # the summary operations set, e.g. ("min",)
+    is_glob: bool
+
+
+def read_metric_definitions(run_file: Path) -> dict[str, MetricDefinition]:
+    """The run's `define_metric` records, by name or glob (the last record of a name wins, as in W&B)."""
+    definitions: dict[str, MetricDefinition] = {}
+    for record in read_records(run_file):
+        if record.WhichOneof("record_type") != "metric" or record.metric.expanded_from_glob:
+            continue
+        metric = record.metric
+        ops = tuple(op.name for op, value in metric.summary.ListFields() if value is True)
+        name = metric.name or metric.glob_name
+        definitions[name] = MetricDefinition(name, metric.step_metric, ops, bool(metric.glob_name))
+    return definitions

@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline", "disabled")
 
+# Epoch rows are plotted against their `epoch` key rather than W&B's own step, so that curves of runs that
+# log at different rates (or a resumed run) line up; the summary keeps the best validation loss and top-1,
+# not the last epoch's. Named prefixes, not "*": a sweep's summary run logs tables that have no epoch.
+EPOCH_METRICS = ("train/*", "val/*", "perf/*", "lr", "images_per_second", "epoch_seconds")
+BEST_SUMMARIES = {"val/loss": "min", "val/top1": "max"}
+
 
 class NullTracker:
     """Tracks nothing; `logger=none`."""
@@ -115,6 +121,7 @@ class WandbTracker:
         except Exception as error:  # network, credentials, service: training goes on regardless
             self._fall_back(f"could not start a W&B run ({describe(error)})")
             return
+        self._define_metrics()
         if self.mode == "offline":
             log.info(
                 "W&B is offline (no credentials found or mode=offline); upload later with: wandb sync %s",
@@ -134,6 +141,18 @@ class WandbTracker:
             reinit="create_new",
         )
 
+    def _define_metrics(self) -> None:
+        """Step metric and best-value summaries for the dashboards (see EPOCH_METRICS). A failure here only
+        warns: the run itself still works, its curves just fall back to W&B's step."""
+        try:
+            self.run.define_metric("epoch")
+            for name in EPOCH_METRICS:
+                self.run.define_metric(name, step_metric="epoch")
+            for name, summary in BEST_SUMMARIES.items():  # an exact name overrides its glob: repeat the step
+                self.run.define_metric(name, step_metric="epoch", summary=summary)
+        except Exception as error:
+            log.warning("W&B: could not define the epoch metrics (%s); curves use W&B's step.", describe(error))
+
     def _disable(self, reason: str) -> None:
         log.warning("W&B tracking is off for the rest of this run: %s. Training continues.", reason)
         self.run = None
@@ -150,6 +169,7 @@ class WandbTracker:
             self._disable(f"{reason}; an offline run failed too ({describe(error)})")
             return
         self.mode, self.run_id = "offline", self.run.id
+        self._define_metrics()
         log.warning(
             "W&B: %s. Training continues; metrics go to an offline run, upload it later with: wandb sync %s",
             reason,

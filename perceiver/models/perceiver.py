@@ -96,13 +96,28 @@ class CrossAttention(nn.Module):
         self, latents: torch.Tensor, data: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
         keys, values = self.project_data(data) if keys_values is None else keys_values
-        latents = self.latent_norm(latents)
-        # The learned scale multiplies q: (s q) k^T = s (q k^T), and attention then runs with scale=1.
-        q = (self.to_q(latents) * self.score_scale).expand(keys.shape[0], -1, -1)
+        latents, q = self.queries(latents, keys.shape[0])
         dropout_p = self.attention_dropout_rate if self.training else 0.0
-        attended = layers.attention(split_heads(q, self.num_heads), keys, values, 1.0, dropout_p)
+        attended = layers.attention(q, keys, values, 1.0, dropout_p)
         x = self.ffn_norm(merge_heads(attended) + latents)
         return self.ffn(x) + x
+
+    def queries(self, latents: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LayerNorm-ed latents (., N, D), queries (batch, heads, N, D/heads)): the one home of the query math,
+        shared by `forward` and `attention_weights` so the attention maps are the forward pass's weights.
+
+        The learned scale multiplies q: (s q) k^T = s (q k^T), and attention then runs with scale=1. The
+        latents may have batch 1 (the learned array): q is projected once and expanded, not copied.
+        """
+        latents = self.latent_norm(latents)
+        q = (self.to_q(latents) * self.score_scale).expand(batch, -1, -1)
+        return latents, split_heads(q, self.num_heads)
+
+    def attention_weights(self, latents: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T) over the inputs, (B, heads, N, M): the weights `forward` averages the values with
+        (before attention dropout, so exactly them in eval mode); `keys` as `project_data` returns them."""
+        _, q = self.queries(latents, keys.shape[0])
+        return torch.softmax(q @ keys.transpose(-2, -1), dim=-1)
 
 
 class SelfAttention(nn.Module):
@@ -266,6 +281,12 @@ class Perceiver(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) normalised images -> (B, N, D) final latents."""
+        return self._encode(images, None)
+
+    def _encode(self, images: torch.Tensor, maps: list[torch.Tensor] | None) -> torch.Tensor:
+        """The forward loop, in one place for `forward_features` and `attention_maps`: when `maps` is a list,
+        the weights of each cross-attend are appended to it, (B, heads, N, M) in the order the model
+        attended in (permuted when `permute_inputs`)."""
         data = self.encoder(images)
         if self.permutation is not None:
             data = self.permutation(data)
@@ -274,9 +295,29 @@ class Perceiver(nn.Module):
         for cross, latent in zip(self.cross_index, self.latent_index, strict=True):
             if cross not in keys_values:
                 keys_values[cross] = self.cross_attends[cross].project_data(data)
+            if maps is not None:
+                maps.append(self.cross_attends[cross].attention_weights(latents, keys_values[cross][0]))
             latents = self.cross_attends[cross](latents, data, keys_values[cross])
             latents = self.latent_transformers[latent](latents)
         return latents
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor, unpermute: bool = True) -> list[torch.Tensor]:
+        """Cross-attention weights, to see where the latents look: one (B, cross_attention_heads, N, M) tensor
+        per iteration, in application order (following `cross_index`); each row sums to 1 over the M inputs.
+
+        They are the softmax weights of the same forward pass, so call it in eval mode (`model.eval()`): then
+        they are exactly what the logits use. The mode is left as it is; in train mode the latents that later
+        iterations' maps come from pass through dropout. With `permute_inputs`, `unpermute=True` puts the M
+        axis back in patch-grid (row-major) order so a map can be drawn on the image; `unpermute=False` keeps
+        the order the model attended in: raw[..., j] == grid[..., permutation.index[j]].
+        """
+        maps: list[torch.Tensor] = []
+        self._encode(images, maps)
+        if unpermute and self.permutation is not None:
+            inverse = torch.argsort(self.permutation.index)  # grid[..., i] = raw[..., inverse[i]]
+            maps = [weights.index_select(-1, inverse) for weights in maps]
+        return maps
 
     def forward_head(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, N, D) final latents -> (B, num_classes) logits: mean over latents, then the classifier."""

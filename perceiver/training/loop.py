@@ -11,6 +11,7 @@ import copy
 import itertools
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -152,6 +153,13 @@ class TrainStep:
         return loss
 
 
+def draws_progress_bar(enabled: bool) -> bool:
+    """A bar only where someone watches it: on rank 0 and in a terminal. Redirected to a file (a cluster
+    job's log) every redraw is a line of `\r` noise, and one bar per rank would overwrite each other."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return enabled and distributed.current().is_main and callable(isatty) and isatty()
+
+
 def train_one_epoch(
     step: TrainStep,
     loader: Iterable,
@@ -161,23 +169,28 @@ def train_one_epoch(
     after_step: Callable[[int], None] | None = None,
 ) -> RunningMetrics:
     """One pass over `loader` (positioned by the caller; `start_batch` batches were done before a resume).
-    `after_step(batch)` runs at every step boundary (checkpoints, stop requests)."""
+    `after_step(batch)` runs at every step boundary (checkpoints, stop requests). The running loss shows in
+    the bar, or without one as a log line every `log_every_n_steps` steps of a long epoch (a short one has
+    just its epoch-end line); either way the loss is read (a host sync) once per interval, never per step."""
     step.model.train()
     settings = step.settings
     total = len(loader) if hasattr(loader, "__len__") else None  # ours: the whole epoch
-    bar = tqdm(
-        loader,
-        desc=description,
-        leave=False,
-        disable=not settings.progress_bar,
-        dynamic_ncols=True,
-        initial=start_batch,
-        total=total,
-    )
-    for batch, (images, labels) in enumerate(bar, start=start_batch + 1):
+    every = settings.log_every_n_steps
+    draw = draws_progress_bar(settings.progress_bar)
+    if draw:
+        batches = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, initial=start_batch, total=total)
+    else:
+        batches = loader
+    log_lines = not draw and distributed.current().is_main and (total is None or total > 4 * every)
+    of = f"/{total}" if total is not None else ""
+    for batch, (images, labels) in enumerate(batches, start=start_batch + 1):
         loss = step(images, labels, metrics, description, batch)
-        if settings.progress_bar and batch % settings.log_every_n_steps == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")  # one sync per log interval, never per step
+        if (draw or log_lines) and batch % every == 0:
+            value = loss.item()  # one sync per log interval, never per step
+            if draw:
+                batches.set_postfix(loss=f"{value:.3f}")
+            else:
+                log.info("%s  batch %d%s  loss %.4f", description, batch, of, value)
         if after_step is not None:
             after_step(batch)
     return metrics

@@ -1,0 +1,51 @@
+"""What several test files share: real image folders written on the spot, running the entry points as a
+user does, and reading what a sweep left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from tests.wandb_files import read_offline_run
+
+REPO = Path(__file__).resolve().parents[2]
+
+Colour = Callable[[int, int], tuple[int, int, int]]
+
+
+def write_image_folder(
+    root: Path,
+    classes: Sequence[str] = ("class_0", "class_1", "class_2"),
+    per_class: int = 4,
+    size: tuple[int, int] | Callable[[int], tuple[int, int]] = (12, 10),
+    colour: Colour = lambda c, i: (80 * c, 10 * i, 200 - 60 * c),
+) -> Path:
+    """`root/<class>/<i>.png`: real PNG files whose colour carries the class (`colour(class index, i)`);
+    `size` may depend on i, to exercise resizing."""
+    for c, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", size(i) if callable(size) else size, colour(c, i)).save(folder / f"{i}.png")
+    return root
+
+
+def run_script(script: str, *arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGUMENTS...` from the repository root, as a user runs it; output captured."""
+    return subprocess.run(
+        [sys.executable, script, *arguments], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """A sweep's job directories (named by Hydra's job number), in job order."""
+    return sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def offline_runs(directory: Path) -> list:
+    """The W&B offline runs written below `directory`, decoded from their files."""
+    return [read_offline_run(path) for path in sorted(directory.glob("wandb/offline-run-*/run-*.wandb"))]
