@@ -619,3 +619,13 @@ def test_image_folder_skip_policy_leaves_bad_files_out_and_counts_them(
     train, test = source.load()
     assert len(train) + len(test) == 12
     assert all(image.shape == (3, 4, 4) for image, _ in (train[i] for i in range(len(train))))
+
+
+def test_preparing_a_folder_draws_nothing_from_the_global_rng(tmp_path: Path) -> None:
+    """A first run (cold statistics cache) and a rerun (warm) must see the same random numbers afterwards."""
+    source = ImageFolderSource(str(write_image_folder(tmp_path / "images")), image_size=6, test_fraction=0.25)
+    for _ in ("cold cache", "warm cache"):
+        torch.manual_seed(0)
+        before = torch.get_rng_state()
+        prepare_splits(source, 0.25, 0, tmp_path / "cache")
+        assert torch.equal(torch.get_rng_state(), before)

@@ -77,3 +77,10 @@ def test_utilisation_row() -> None:
     row = utilisation(100.0, 2e9, 1e12)
     assert row == {"perf/tflops": pytest.approx(0.2), "perf/mfu": pytest.approx(0.2)}
     assert "perf/mfu" not in utilisation(100.0, 2e9, None)
+
+
+def test_timing_the_matmul_peak_draws_nothing_from_the_global_rng() -> None:
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    matmul_peak(torch.device("cpu"), seconds=0.01)
+    assert torch.equal(torch.get_rng_state(), before)
