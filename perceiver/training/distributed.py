@@ -88,6 +88,14 @@ def any_rank(flag: torch.Tensor | bool, device: torch.device | None = None) -> b
     return all_reduce_sum(value).item() > 0
 
 
+def any_rank_on_device(flag: torch.Tensor) -> torch.Tensor:
+    """`any_rank` without the host read: a boolean device tensor, from an all-reduce queued on the device
+    like any kernel (the flag itself where there is one process)."""
+    if not enabled():
+        return flag
+    return all_reduce_sum(flag.detach().to(torch.float32).reshape(1))[0] > 0
+
+
 def broadcast_object(value: object, source: int = 0) -> object:
     """Rank `source`'s value on every rank (e.g. the run directory)."""
     if not enabled():

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from perceiver.data.augment import BatchAugment
 from perceiver.training import distributed
 from perceiver.training.checkpoint import Checkpointer, save_atomic
+from perceiver.training.deferred import DeferredChecks, masked_update
 from perceiver.training.device import autocast, resolve_device
 from perceiver.training.metrics import (
     RunningMetrics,
@@ -43,6 +44,7 @@ from perceiver.training.stopping import (
     check_epoch_trained,
     check_some_epoch_was_finite,
     step_is_finite,
+    warn_skipped,
 )
 
 log = logging.getLogger(__name__)
@@ -129,16 +131,20 @@ class TrainStep:
     scaler: torch.amp.GradScaler
     settings: TrainSettings
     device: torch.device
+    checks: DeferredChecks | None = None  # the non-finite check on the device (no host sync), or per step
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, metrics: RunningMetrics, where: str, batch: int):
         """Returns the loss (a device tensor); a step whose loss is not finite changes nothing (see
-        `step_is_finite`)."""
+        `step_is_finite`, or `deferred` with `checks`)."""
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         inputs, targets = self.augment(images, labels)
         with autocast(self.device, self.settings.precision):
             logits = self.model(inputs)
         loss = classification_loss(logits, targets, self.augment.loss_label_smoothing)
+        if self.checks is not None:
+            self.masked_step(loss, logits, labels, metrics, batch)
+            return loss
         if not step_is_finite(loss, self.settings.nonfinite_loss, metrics.skipped, where, batch):
             metrics.skipped += 1
             return loss
@@ -151,6 +157,19 @@ class TrainStep:
         self.scaler.update()
         metrics.update(loss, logits, labels)
         return loss
+
+    def masked_step(
+        self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, metrics: RunningMetrics, batch: int
+    ) -> None:
+        """Backward and an update that a non-finite loss masks on the device: nothing read on the host."""
+        ok = self.checks.observe(loss, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.settings.grad_clip_norm:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip_norm)
+        masked_update(self.optimizer, self.scaler, ok)
+        metrics.update(loss, logits, labels, keep=ok)
 
 
 def draws_progress_bar(enabled: bool) -> bool:
@@ -271,7 +290,9 @@ class _Fit:
         # Evaluation runs on each rank's shard without gradient syncs; DDP's wrapper is for training steps.
         self.eval_model = step_model if wrapped is model else (torch.compile(model) if settings.compile else model)
         scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
-        self.step = TrainStep(step_model, parts.augment, parts.optimizer, scaler, settings, self.device)
+        halts = settings.nonfinite_loss == "error"
+        self.checks = DeferredChecks(self.device, halts) if settings.checks_on_device(self.device) else None
+        self.step = TrainStep(step_model, parts.augment, parts.optimizer, scaler, settings, self.device, self.checks)
         self.stopper = EarlyStopping(settings.early_stopping_patience)
         self.best_state = copy.deepcopy(model.state_dict())
         self.history: list[dict[str, float]] = []
@@ -311,6 +332,7 @@ class _Fit:
         description = f"epoch {epoch}/{self.settings.epochs}"
         try:
             train_one_epoch(self.step, batches, current.metrics, description, first_batch, self.after_step)
+            self.read_checks(description)  # an epoch's last steps, where its length is not known
         except NonFiniteLossError as error:
             raise self.diverged(error, current) from None
         check_epoch_trained(epoch, current.metrics.count, current.metrics.skipped)
@@ -343,10 +365,16 @@ class _Fit:
             raise TrainingInterrupted(self.stop.signum or signal.SIGTERM, epoch, self.global_step, path, self.run_dir)
 
     def after_step(self, batch: int) -> None:
-        """At each step boundary: a checkpoint when one is due or a stop was requested; then stop if asked."""
+        """At each step boundary: a checkpoint when one is due or a stop was requested; then stop if asked.
+        With checks on the device, stop requests and non-finite losses are read only every
+        `log_every_n_steps`, before a checkpoint and at the epoch's end (where every rank reads them)."""
         self.global_step += 1
         every = self.settings.checkpoint_every_n_steps
         due = every is not None and self.global_step % every == 0 and batch != self.batches_per_epoch
+        if self.checks is not None:
+            if not (due or batch % self.settings.log_every_n_steps == 0 or batch == self.batches_per_epoch):
+                return
+            self.read_checks(f"epoch {self.current.epoch}/{self.settings.epochs}")
         stopping = distributed.any_rank(self.stop.signum is not None, self.device)  # every rank stops together
         if not stopping and not due:
             return
@@ -354,6 +382,20 @@ class _Fit:
         if stopping:
             signum = self.stop.signum or signal.SIGTERM
             raise TrainingInterrupted(signum, self.current.epoch, self.global_step, path, self.run_dir)
+
+    def read_checks(self, where: str) -> None:
+        """The device-side non-finite record (one host sync): skipped steps are counted, or the error raised
+        with the state rewound to before the bad step (the updates after it were halted)."""
+        report = self.checks.read() if self.checks is not None else None
+        if report is None:
+            return
+        if self.settings.nonfinite_loss == "error":
+            self.global_step -= report.steps_since
+            message = f"non-finite training loss ({report.value}) at batch {report.batch}"
+            raise NonFiniteLossError(message, report.batch, report.value)
+        if self.current.metrics.skipped == 0:
+            warn_skipped(where, report.batch, report.value)
+        self.current.metrics.skipped += report.count
 
     # ------------------------------------------------------------------ state, checkpoints, results
 

@@ -11,14 +11,20 @@ from perceiver.training import distributed
 
 
 class RunningMetrics:
-    """Sums of loss and top-1/top-5 hits kept as device tensors (the count on the host); `compute` syncs once."""
+    """Sums of loss, top-1/top-5 hits and images kept as device tensors; `compute` syncs once.
+
+    `update(..., keep=flag)` adds a step only where the device flag is True (a masked, sync-free step)."""
 
     def __init__(self, device: torch.device, num_classes: int) -> None:
         self.top_k = min(5, num_classes)
-        self.sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, top-1 hits, top-5 hits
-        self.count = 0
+        self.sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss * n, top-1 hits, top-5 hits, n
         self.skipped = 0  # training steps skipped for a non-finite loss
         self.total_count = 0  # images over all ranks, set by compute()
+
+    @property
+    def count(self) -> int:
+        """Images summed on this rank (a host read)."""
+        return int(self.sums[3].item())
 
     def state_dict(self) -> dict[str, Any]:
         """A part-done epoch's sums (over all ranks), so a run resumed mid-epoch reports the same metrics."""
@@ -29,22 +35,22 @@ class RunningMetrics:
         """The saved sums are global: rank 0 carries them on, the other ranks start from zero."""
         self.skipped = state["skipped"]
         if distributed.current().is_main:
-            self.sums = state["sums"].to(self.sums.device)
-            self.count = state["count"]
+            count = torch.tensor([float(state["count"])], dtype=torch.float64)
+            self.sums = torch.cat([state["sums"].double(), count]).to(self.sums.device)
 
     def totals(self) -> torch.Tensor:
         """Loss and hit sums and the image count, summed over ranks (one collective in a distributed run)."""
-        count = torch.tensor([self.count], dtype=self.sums.dtype, device=self.sums.device)
-        return distributed.all_reduce_sum(torch.cat([self.sums, count]))
+        return distributed.all_reduce_sum(self.sums.clone())
 
     @torch.no_grad()
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(
+        self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> None:
         n = labels.shape[0]
         hits = logits.topk(self.top_k, dim=-1).indices == labels[:, None]
-        self.sums += torch.stack(
-            [loss.detach().double() * n, hits[:, 0].sum().double(), hits.any(dim=-1).sum().double()]
-        )
-        self.count += n
+        top1, top5 = hits[:, 0].sum().double(), hits.any(dim=-1).sum().double()
+        row = torch.stack([loss.detach().double() * n, top1, top5, torch.full_like(top1, n)])
+        self.sums += row if keep is None else torch.where(keep, row, 0.0)
 
     def compute(self) -> dict[str, float]:
         """Global metrics: in a distributed run every rank gets the same all-reduced numbers."""

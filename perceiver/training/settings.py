@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from perceiver.training.device import resolve_device
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -40,6 +42,7 @@ class TrainSettings:
     nonfinite_loss: str = "error"
     keep_freed_memory: bool = True
     peak_tflops: Any = "auto"  # float | "auto" | None
+    sync_free: Any = "auto"  # bool | "auto"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "log_every_n_steps", "keep_checkpoints"):
@@ -57,9 +60,16 @@ class TrainSettings:
                 f"trainer.peak_tflops={peak!r} is invalid: auto (measure a matmul at start-up), "
                 "a positive number of TFLOP/s, or null (no perf/mfu)"
             )
+        if not isinstance(self.sync_free, bool) and self.sync_free != "auto":
+            raise ValueError(f"trainer.sync_free={self.sync_free!r} is invalid: auto (on CUDA), true or false")
         device = resolve_device(self.device)
         if self.precision == "fp16" and device.type != "cuda":
             raise ValueError("trainer.precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+
+    def checks_on_device(self, device: torch.device) -> bool:
+        """Whether non-finite losses and stop requests are checked on the device and read every
+        `log_every_n_steps` (perceiver/training/deferred.py) rather than with a host sync every step."""
+        return self.sync_free is True or (self.sync_free == "auto" and device.type == "cuda")
 
     def _check_optional_counts(self) -> None:
         every = self.checkpoint_every_n_steps

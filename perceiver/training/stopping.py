@@ -63,21 +63,26 @@ class NonFiniteLossError(FloatingPointError):
 def step_is_finite(loss: torch.Tensor, policy: str, skipped_so_far: int, where: str, batch: int) -> bool:
     """The non-finite loss policy, applied before an update so that no NaN reaches the weights: True when the
     step may go on; False to skip it (`skip`, counted by the caller); NonFiniteLossError for `error`.
-    Every rank takes the same branch (one host sync per step)."""
+    Every rank takes the same branch (one host sync per step; `deferred` checks on the device instead)."""
     if not distributed.any_rank(~torch.isfinite(loss)):
         return True
     if policy == "error":
         value = loss.item()
         raise NonFiniteLossError(f"non-finite training loss ({value}) at batch {batch}", batch, value)
     if skipped_so_far == 0:
-        log.warning(
-            "%s, batch %d: non-finite loss (%s), step skipped (trainer.nonfinite_loss=skip); "
-            "this epoch's skips are counted in train/skipped_steps",
-            where,
-            batch,
-            loss.item(),
-        )
+        warn_skipped(where, batch, loss.item())
     return False
+
+
+def warn_skipped(where: str, batch: int, value: float) -> None:
+    """The first skipped step of an epoch is logged; the rest are counted in train/skipped_steps."""
+    log.warning(
+        "%s, batch %d: non-finite loss (%s), step skipped (trainer.nonfinite_loss=skip); "
+        "this epoch's skips are counted in train/skipped_steps",
+        where,
+        batch,
+        value,
+    )
 
 
 def check_epoch_trained(epoch: int, trained: int, skipped: int) -> None:
