@@ -114,6 +114,11 @@ def machine() -> dict[str, object]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["gpu"]:  # `python -m bench gpu ...`: the GPU epoch check (bench/gpu.py)
+        from bench import gpu
+
+        gpu.main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="output directory")
     parser.add_argument("--quick", action="store_true", help="small setting only, short timings (a smoke run)")

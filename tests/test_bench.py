@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from bench.__main__ import scaling_table, throughput_table
+from bench.gpu import sdpa_backends
 from bench.measure import perceiver_kwargs
 from bench.settings import SETTINGS
 from perceiver import Perceiver
@@ -59,3 +61,27 @@ def test_scaling_table_divides_vit_by_perceiver() -> None:
     lines = scaling_table(rows).splitlines()
     assert lines[2] == "| 16 | 32 | 8 | 20.0 | 10.0 | 0.5 |"
     assert lines[3] == "| 4096 | 64 | 1 | 300.0 | 9000.0 | 30.0 |"
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_in_its_tiny_cpu_mode(tmp_path: Path) -> None:
+    """`python -m bench gpu` end to end (tiny without CUDA): a compiled and an eager row, table and JSON."""
+    command = [sys.executable, "-m", "bench", "gpu", "--tiny", "--rows", "bf16+compile", "tf32", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert results["tiny"] and [row["row"] for row in results["rows"]] == ["bf16+compile", "tf32"]
+    compiled, eager = results["rows"]
+    assert compiled["compile_seconds"] is not None and compiled["graphs"] >= 1 and eager["compile_seconds"] is None
+    for row in results["rows"]:
+        assert row["images_per_second"] == pytest.approx(row["train_images"] / row["epoch_seconds"], rel=1e-6)
+        assert row["mfu"] > 0 and row["sdpa"]
+    assert "| bf16+compile | bf16 autocast | torch.compile (eager) |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_sdpa_backends_are_named_from_profiler_events() -> None:
+    flash = {"aten::_scaled_dot_product_flash_attention", "void pytorch_flash::flash_fwd_kernel<...>"}
+    assert sdpa_backends(flash) == "flash"
+    assert sdpa_backends({"aten::_scaled_dot_product_efficient_attention", "aten::mm"}) == "memory-efficient"
+    assert sdpa_backends(flash | {"fmha_cutlassF_f32_aligned_64x64_rf_sm80"}) == "flash + memory-efficient"
+    assert sdpa_backends({"aten::bmm", "aten::softmax"}) == "none (attention spelled out)"
