@@ -1,9 +1,11 @@
-"""The whole benchmark in one run: `python -m bench [--out DIR] [--quick]`.
+"""The whole benchmark in one run: `python -m bench [--out DIR] [--quick]`; `python -m bench gpu` is the GPU
+epoch check (bench/gpu.py).
 
 1. This machine's fp32 matmul peak (the reference of every "% of peak").
-2. Training throughput at the "keras" and "small" settings (bench/settings.py): the Keras example (Keras 3
-   re-implementation), perceiver-pytorch, a straightforward PyTorch port, and this project, each in its own
-   process, with glibc's default allocator and with the one train.py sets at start-up.
+2. This project against the Keras example (its Keras 3 re-implementation) in interleaved pairs of processes
+   at the "small" and "keras" settings (bench/settings.py), under three allocator conditions, with bf16
+   autocast and perceiver-pytorch measured in the same pairs (bench/pairs.py): median ratio and range.
+   `--once` instead runs every implementation once, as the first version of this benchmark did.
 3. Step time against the number of inputs M for the Perceiver and a ViT, with a PNG plot.
 4. The input pipeline against torchvision + DataLoader, and an epoch against step time x steps.
 
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench import pipeline, scaling
+from bench import pairs, pipeline, scaling
 from bench.settings import SETTINGS
 from perceiver.training.device import keep_freed_memory, matmul_peak
 
@@ -92,6 +94,20 @@ def throughput_table(rows: list[dict], peak: float) -> str:
     return "\n".join(lines)
 
 
+def pair_rows(settings: list[str], counts: dict[str, int], seconds: dict[str, float], conditions: list[str]) -> list:
+    rows = []
+    for setting in settings:
+        for condition in pairs.CONDITIONS:
+            if condition.name not in conditions:
+                continue
+            missing = [p.impl for p in condition.peers if not available(p.impl)]
+            for impl in dict.fromkeys(missing):
+                print(f"  {setting}: {impl} skipped ({NEEDS[impl]} is not installed: pip install -e '.[bench]')")
+            present = pairs.Condition(condition.name, tuple(p for p in condition.peers if available(p.impl)))
+            rows += pairs.run_pairs(present, setting, counts[setting], seconds[setting])
+    return rows
+
+
 def scaling_table(rows: list[dict]) -> str:
     lines = ["| M | image | patch | Perceiver ms/step | ViT ms/step | ViT / Perceiver |", "|---|---|---|---|---|---|"]
     for m in dict.fromkeys(row["num_inputs"] for row in rows):
@@ -124,6 +140,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small setting only, short timings (a smoke run)")
     parser.add_argument("--epoch-images", type=int, default=45_000, help="images in the timed epoch (CIFAR: 45,000)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "scaling", "pipeline"])
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=None, help="throughput settings")
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved pairs at the small setting")
+    parser.add_argument("--keras-pairs", type=int, default=3, help="interleaved pairs at the keras setting")
+    names = [c.name for c in pairs.CONDITIONS]
+    parser.add_argument("--conditions", nargs="+", choices=names, default=names, help="allocator conditions")
+    parser.add_argument("--once", action="store_true", help="one process per implementation, no pairs (old way)")
     args = parser.parse_args()
     out = args.out or Path("outputs/bench") / time.strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -137,11 +159,19 @@ def main() -> None:
     sections = [f"command: `{command}`", f"machine: {results['machine']}"]
     sections.append(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     if "throughput" not in args.skip:
-        settings = ["small"] if args.quick else ["small", "keras"]
-        seconds = {"small": 3.0 if args.quick else 10.0, "keras": 20.0}
-        rows = throughput_rows(settings, seconds, compile_at=set() if args.quick else {"small"})
-        results["throughput"] = rows
-        sections.append("## Training throughput\n\n" + throughput_table(rows, peak))
+        settings = args.settings or (["small"] if args.quick else ["small", "keras"])
+        if args.once:
+            seconds = {"small": 3.0 if args.quick else 10.0, "keras": 20.0}
+            rows = throughput_rows(settings, seconds, compile_at=set() if args.quick else {"small"})
+            results["throughput"] = rows
+            sections.append("## Training throughput, one run each\n\n" + throughput_table(rows, peak))
+        else:
+            seconds = {"small": 1.0 if args.quick else 5.0, "keras": 15.0}
+            counts = {"small": 2 if args.quick else args.pairs, "keras": 2 if args.quick else args.keras_pairs}
+            rows = pair_rows(settings, counts, seconds, args.conditions)
+            summary = pairs.summary_rows(rows)
+            results["pairs"], results["pairs_summary"] = rows, summary
+            sections.append("## Training throughput, interleaved pairs\n\n" + pairs.pairs_table(summary))
     if "scaling" not in args.skip:
         rows = scaling.measure_scaling(seconds=0.5 if args.quick else 2.0)
         results["scaling"] = rows

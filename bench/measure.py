@@ -4,15 +4,20 @@ imports differ between peers, so each gets a fresh interpreter), printed as one 
     python -m bench.measure --impl ours --setting small [--allocator default] [--precision bf16] [--compile]
 
 Training throughput: forward, backward and an Adam step on one fixed random batch, dropout on (as the
-example trains). Warm-up steps first, then steps are timed until `--seconds` have passed (at least
-`--min-steps`). FLOPs per step are counted once with `torch.utils.flop_counter` (every peer runs on torch).
+example trains). Warm-up steps first, then each step is timed until `--seconds` have passed (at least
+`--min-steps`); the median step is reported, with the minor page faults per timed step (the allocator's
+cost: memory returned to the OS and faulted in again). FLOPs per step are counted once with
+`torch.utils.flop_counter` (every peer runs on torch). glibc's allocator is what the process was started
+with (`MALLOC_*` environment variables, reported as `env`), plus `--allocator keep`'s mallopt calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import time
 from collections.abc import Callable
 
@@ -105,6 +110,33 @@ def time_steps(step: Callable[[], None], warmup: int, seconds: float, min_steps:
     return (time.perf_counter() - start) / steps, steps
 
 
+def time_each_step(step: Callable[[], None], warmup: int, seconds: float, min_steps: int) -> list[float]:
+    """Seconds of each step after `warmup` steps (each synchronised), over at least `min_steps` and `seconds`."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_steps or time.perf_counter() - start < seconds:
+        began = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far: memory the allocator handed back and touched again."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def allocator_in_use(kept: bool) -> str:
+    """keep: this process called mallopt (train.py's way); env: glibc read MALLOC_* at start-up; or default."""
+    env = any(name.startswith("MALLOC_") and name.endswith("_") for name in os.environ)
+    return "+".join([name for name, on in (("env", env), ("keep", kept)) if on]) or "default"
+
+
 def count_flops(step: Callable[[], None]) -> int:
     with FlopCounterMode(display=False) as counter:
         step()
@@ -130,16 +162,21 @@ def measure(
 ) -> dict[str, object]:
     kept = keep_freed_memory() if allocator == "keep" else False
     step, params = build_step(impl, setting, precision, compile_model)
-    step_seconds, steps = time_steps(step, warmup, seconds, min_steps)
+    faults = minor_faults()
+    times = time_each_step(step, warmup, seconds, min_steps)
+    faults = minor_faults() - faults
+    step_seconds = statistics.median(times)
     return {
         "impl": impl,
         "setting": setting.name,
-        "allocator": "keep" if kept else "default",
+        "allocator": allocator_in_use(kept),
         "precision": precision,
         "compile": compile_model,
         "params": params,
-        "step_seconds": step_seconds,
-        "steps_timed": steps,
+        "step_seconds": step_seconds,  # the median step
+        "mean_step_seconds": statistics.fmean(times),
+        "steps_timed": len(times),
+        "minor_faults_per_step": faults / len(times),
         "images_per_second": setting.batch_size / step_seconds,
         "flops_per_step": count_flops(step),
         "peak_memory_mib": peak_memory_mib(),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import pairs
 from bench.__main__ import scaling_table, throughput_table
 from bench.gpu import sdpa_backends
 from bench.measure import perceiver_kwargs
@@ -85,3 +86,54 @@ def test_sdpa_backends_are_named_from_profiler_events() -> None:
     assert sdpa_backends({"aten::_scaled_dot_product_efficient_attention", "aten::mm"}) == "memory-efficient"
     assert sdpa_backends(flash | {"fmha_cutlassF_f32_aligned_64x64_rf_sm80"}) == "flash + memory-efficient"
     assert sdpa_backends({"aten::bmm", "aten::softmax"}) == "none (attention spelled out)"
+
+
+def pair_row(pair: int, peer: str, step_seconds: float, faults: float = 10.0) -> dict:
+    return {
+        "setting": "small",
+        "condition": "same allocator (environment)",
+        "pair": pair,
+        "peer": peer,
+        "step_seconds": step_seconds,
+        "minor_faults_per_step": faults,
+        "peak_memory_mib": 100.0 + pair,
+    }
+
+
+def test_pairs_run_interleaved_and_ratios_are_taken_within_each_pair() -> None:
+    calls = []
+
+    def fake_measure(peer: pairs.Peer, setting: str, seconds: float) -> dict:
+        calls.append(peer.label)
+        return {"step_seconds": 0.1, "minor_faults_per_step": 0.0}
+
+    condition = pairs.CONDITIONS[0]
+    rows = pairs.run_pairs(condition, "small", 3, 0.0, measure=fake_measure)
+    assert calls == [pairs.KERAS, pairs.OURS] * 3  # A B A B A B
+    assert [row["pair"] for row in rows] == [1, 1, 2, 2, 3, 3]
+    rows = [pair_row(1, "Keras example", 0.30), pair_row(1, "this project", 0.20)]
+    rows += [pair_row(2, "Keras example", 0.60), pair_row(2, "this project", 0.50)]
+    rows += [pair_row(3, "Keras example", 0.20), pair_row(3, "this project", 0.10)]
+    assert pairs.ratios(rows, "this project") == pytest.approx([1.5, 1.2, 2.0])
+    ours = pairs.summary_rows(rows)[1]
+    assert (ours["ratio"], ours["low"], ours["high"], ours["pairs"]) == pytest.approx((1.5, 1.2, 2.0, 3))
+    assert ours["step_seconds"] == pytest.approx(0.2) and ours["peak_memory_mib"] == 103.0
+    table = pairs.pairs_table(pairs.summary_rows(rows)).splitlines()
+    assert (
+        table[3] == "| small | same allocator (environment) | this project | 3 | 1.50 | 1.20-2.00 | 200.0 | 10 | 103 |"
+    )
+
+
+def test_every_condition_gives_both_peers_the_same_allocator() -> None:
+    out_of_the_box, environment, mallopt = pairs.CONDITIONS
+    assert all(peer.env == pairs.ENV_ALLOCATOR and "--allocator" not in peer.args for peer in environment.peers)
+    assert all(peer.args[:2] == ("--allocator", "keep") and not peer.env for peer in mallopt.peers)
+    keras, ours = out_of_the_box.peers
+    assert not keras.args and not keras.env and ours.args == ("--allocator", "keep")  # what train.py does
+
+
+@pytest.mark.slow
+def test_a_peer_process_gets_its_allocator_environment_and_reports_it() -> None:
+    peer = pairs.Peer("this project", "ours", ("--min-steps", "1", "--warmup", "0"), pairs.ENV_ALLOCATOR)
+    row = pairs.measure_process(peer, "small", 0.0)
+    assert row["allocator"] == "env" and row["minor_faults_per_step"] >= 0
