@@ -23,6 +23,9 @@ _EXPORTS = {
     "TrainingParts": "perceiver.training",
     "evaluate": "perceiver.training",
     "fit": "perceiver.training",
+    "Classifier": "perceiver.inference",
+    "export": "perceiver.inference",
+    "load_run": "perceiver.inference",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,13 +13,16 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
 from perceiver.data.dataset import ArrayDataset, DataError, split_indices
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,8 @@ class DataSource(Protocol):
     """What `prepare_splits` needs from a data set: cheap checks first, the loading after."""
 
     num_classes: int
+    classes: list[str] | None  # class names by label index (CIFAR's are known once loaded)
+    image_size: int  # the side the images come in: what a trained model's inputs are decoded to
 
     @property
     def cache_key(self) -> str:
@@ -47,7 +52,10 @@ class DataSource(Protocol):
 
 
 class CifarSource:
-    """CIFAR-10/100 through torchvision's dataset classes, downloaded into `root` when absent."""
+    """CIFAR-10/100 through torchvision's dataset classes, downloaded into `root` when absent. The class names
+    are the data set's own (its meta file), known once it is loaded."""
+
+    image_size = 32
 
     archives: ClassVar[dict[str, tuple[str, str, str, int]]] = {
         "cifar10": ("CIFAR10", "cifar-10-batches-py", "cifar-10-python.tar.gz", 10),
@@ -61,6 +69,7 @@ class CifarSource:
         self.root = Path(os.path.expanduser(str(root)))
         self.download = download
         self.num_classes = self.archives[name][3]
+        self.classes: list[str] | None = None
 
     @property
     def cache_key(self) -> str:
@@ -81,6 +90,7 @@ class CifarSource:
             test = dataset_class(str(self.root), train=False, download=self.download)
         except Exception as error:  # torchvision raises URLError, RuntimeError, OSError, ...
             raise DataError(self._missing_message(f"{type(error).__name__}: {error}")) from error
+        self.classes = list(train.classes)
         return _to_arrays(train.data, train.targets), _to_arrays(test.data, test.targets)
 
     def _missing_message(self, reason: str) -> str:
@@ -128,6 +138,7 @@ class SyntheticSource:
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} is invalid: a classification task needs >= 2")
         self.num_classes = num_classes
+        self.classes = [f"class_{label}" for label in range(num_classes)]
         self.image_size = image_size
         self.num_train = num_train
         self.num_test = num_test
@@ -302,11 +313,7 @@ class ImageFolderSource:
         return scan
 
     def load(self) -> tuple[Dataset, Dataset]:
-        from torchvision import transforms
-
-        transform = transforms.Compose(
-            [transforms.Resize((self.image_size, self.image_size)), transforms.PILToTensor()]
-        )
+        transform = decode_transform(self.image_size)
         full = ScannedImages(self.scans["data.source.path"], transform)
         if self.test_path is not None:
             test = ScannedImages(self.scans["data.source.test_path"], transform)
@@ -332,12 +339,24 @@ class ScannedImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except Exception as error:  # passed the scan, but its pixel data is damaged
-            raise DataError(f"{path} could not be decoded ({error}); remove or replace it") from error
-        return self.transform(rgb), label
+        return self.transform(open_rgb(path)), label
+
+
+def decode_transform(image_size: int) -> Callable:
+    """PIL image -> uint8 (3, image_size, image_size): how an image folder's files become a data set's images
+    (torchvision's Resize, bilinear with antialiasing); trained models read files the same way."""
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """The file's pixels as an RGB image, or DataError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as error:  # PIL raises UnidentifiedImageError, OSError, ... for damaged or non-image files
+        raise DataError(f"{path} could not be decoded ({error}); remove or replace it") from error

@@ -85,8 +85,13 @@ def prepare_splits(
     normalisation statistics on what remains (the example's `Normalization.adapt`). A failed load
     raises DataError itself; callers that want to fail before other work call `source.check()` first."""
     train_full, test = source.load()
-    train_idx, val_idx = split_indices(len(train_full), val_fraction, seed)
-    train = subset(train_full, train_idx)
+    train, val = split_validation(train_full, val_fraction, seed)
     key = f"{source.cache_key}-n{len(train_full)}-val{val_fraction}-seed{seed}"
     mean, std = cached_channel_stats(train, key, cache_dir)
-    return Splits(train, subset(train_full, val_idx), test, source.num_classes, mean, std)
+    return Splits(train, val, test, source.num_classes, mean, std)
+
+
+def split_validation(train_full: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, validation): the seeded split a run trains and validates on, the same for every later use of it."""
+    train_idx, val_idx = split_indices(len(train_full), val_fraction, seed)
+    return subset(train_full, train_idx), subset(train_full, val_idx)

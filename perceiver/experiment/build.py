@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +73,21 @@ def make_model(target: type, **fields: Any) -> torch.nn.Module:
 def build_model(node: DictConfig, num_classes: int) -> torch.nn.Module:
     """The `model` group, as `make_model` builds it: fields a preset set for another model (experiment=cpu_smoke
     sets Perceiver fields) are dropped with a warning, so presets and grids combine with `model=vit`."""
+    return build("model", OmegaConf.create(model_fields(node, num_classes)))
+
+
+def model_fields(node: DictConfig, num_classes: int) -> dict[str, Any]:
+    """`_target_` and the resolved constructor arguments the model is built with (best.pt records them, so that
+    the model can be rebuilt without Hydra): the group's fields less those of other models, and the data set's
+    number of classes."""
     target = get_class(node._target_)
     skipped = foreign_fields(target, node)
     _warn_skipped(target, skipped)
-    if skipped:
+    try:
         fields = OmegaConf.to_container(node, resolve=True)  # resolved: interpolations need the whole config
-        node = OmegaConf.create({key: value for key, value in fields.items() if key not in skipped})
-    return build("model", node, num_classes=num_classes)
+    except OmegaConfBaseException as error:
+        raise ConfigError(describe("model", error)) from error
+    return {**{key: value for key, value in fields.items() if key not in skipped}, "num_classes": num_classes}
 
 
 def check_num_classes(configured: int | None, actual: int) -> int:
@@ -103,6 +111,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     num_classes: int
+    model_config: dict[str, Any] = field(default_factory=dict)  # how the model was built (`model_fields`)
 
     def training(self) -> TrainingParts:
         return TrainingParts(self.model, self.augment, self.optimizer, self.scheduler, self.num_classes)
@@ -123,11 +132,12 @@ def build_parts(cfg: DictConfig) -> Parts:
     except DataError as error:
         raise ConfigError(str(error)) from error
     num_classes = check_num_classes(cfg.model.get("num_classes"), source.num_classes)
-    model = build_model(cfg.model, num_classes).to(device)
+    model_config = model_fields(cfg.model, num_classes)
+    model = build("model", OmegaConf.create(model_config)).to(device)
     augment = build("augmentation", cfg.augmentation, num_classes=num_classes).to(device)
     optimizer = build("optimizer", cfg.optimizer, model)
     scheduler = build("scheduler", cfg.scheduler, optimizer)
-    return Parts(settings, device, source, model, augment, optimizer, scheduler, num_classes)
+    return Parts(settings, device, source, model, augment, optimizer, scheduler, num_classes, model_config)
 
 
 def load_data(cfg: DictConfig, parts: Parts) -> Splits:

@@ -47,6 +47,14 @@ def run_hydra_app(main: Callable[[], Any]) -> None:
         fail(f"cannot create {where} ({error.strerror}); point hydra.run.dir or paths.output_dir elsewhere", 2)
 
 
+def require(cfg: Any, key: str, example: str) -> None:
+    """Exit with one line when a mandatory field (`???` in the config) was not given on the command line."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg, key):
+        fail(f"{key}= is required: {example}", 2)
+
+
 def override_value(message: str, key: str) -> str:
     """`Error merging override trainer.epochs=abc` -> `abc`."""
     marker = f"{key}="

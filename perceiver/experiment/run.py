@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from perceiver.experiment.build import Parts, build, build_parts, load_data, make_loaders, with_measured_peak
 from perceiver.experiment.config import ConfigError, check_run_settings
+from perceiver.experiment.finetune import is_artifact, start_from
 from perceiver.experiment.resume import carried_overrides, resumed_config
 from perceiver.experiment.sweeps import run_name, run_tags, swept_keys
 from perceiver.experiment.tracking import NullTracker
@@ -142,6 +143,19 @@ def continue_from(state: TrainState, cfg: DictConfig, overrides: list[str]) -> t
     return cfg, carried_overrides(state.run.overrides, overrides)  # the original run's, then these
 
 
+def model_card(cfg: DictConfig, parts: Parts) -> dict[str, Any]:
+    """What best.pt records so the model can be used outside this run (`perceiver.load_run`): how it was built,
+    its class names (the data set's; CIFAR's are known once loaded), the side its images come in, the data."""
+    source = parts.source
+    classes = getattr(source, "classes", None) or [f"class_{label}" for label in range(parts.num_classes)]
+    return {
+        "model_config": parts.model_config,
+        "classes": list(classes),
+        "data_image_size": getattr(source, "image_size", None),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+    }
+
+
 def prepare(cfg: DictConfig, context: distributed.Context) -> Parts:
     """Seeds, parts and process-wide settings, in the order that keeps runs reproducible."""
     check_run_settings(cfg)  # the seed is used next
@@ -202,6 +216,9 @@ class Run:
             parts.device,
             self.run_dir,
         )
+        init_from = self.cfg.get("init_from") if resume is None else None  # a resumed run has its own weights
+        if init_from and not is_artifact(init_from):
+            start_from(init_from, parts.model, parts.model_config)  # before the data: a bad path costs seconds
         if not context.is_main:
             distributed.barrier()  # rank 0 downloads and caches the statistics first
         splits = load_data(self.cfg, parts)
@@ -211,7 +228,9 @@ class Run:
         tracker = self.start_tracker(resume.run.wandb_run_id if resume is not None else None)
         exit_code = 1
         try:
-            record = RunRecord(self.resolved, self.overrides)
+            if init_from and is_artifact(init_from):
+                start_from(init_from, parts.model, parts.model_config, tracker)  # recorded as the run's input
+            record = RunRecord(self.resolved, self.overrides, model_card=model_card(self.cfg, parts))
             loaders = (train_loader, val_loader)
             result = fit(parts.training(), *loaders, parts.settings, self.run_dir, resume, tracker, record)
             test = evaluate(

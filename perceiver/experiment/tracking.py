@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -44,8 +45,26 @@ class NullTracker:
     def log_artifact(self, path: Path, name: str, kind: str = "model") -> None:
         pass
 
+    def log_media(self, make: Callable[[Any], dict[str, Any]]) -> None:
+        pass
+
+    def use_artifact(self, reference: str) -> Path:
+        return download_artifact(reference)
+
     def finish(self, exit_code: int = 0) -> None:
         pass
+
+
+def download_artifact(reference: str, run: Any = None) -> Path:
+    """A W&B artifact's files, downloaded: through `run.use_artifact` (which records it as the run's input)
+    when there is a run, else through the public API. ValueError with W&B's reason when it cannot be had."""
+    import wandb
+
+    try:
+        artifact = run.use_artifact(reference) if run is not None else wandb.Api().artifact(reference)
+        return Path(artifact.download())
+    except Exception as error:
+        raise ValueError(f"the W&B artifact {reference} cannot be downloaded ({describe(error)})") from error
 
 
 def has_wandb_credentials() -> bool:
@@ -204,6 +223,21 @@ class WandbTracker:
             self.run.log_artifact(artifact)
 
         self._guarded("logging the artifact", upload)
+
+    def log_media(self, make: Callable[[Any], dict[str, Any]]) -> None:
+        """Log what `make(wandb)` builds (tables, plots, images): made only when there is a run to take it."""
+
+        def upload() -> None:
+            import wandb
+
+            self.run.log(make(wandb))
+
+        self._guarded("logging media", upload)
+
+    def use_artifact(self, reference: str) -> Path:
+        """Download a W&B artifact (`entity/project/name:version`) as this run's input, so that the run's lineage
+        shows where its starting weights came from; without a run, through the public API."""
+        return download_artifact(reference, self.run)
 
     def finish(self, exit_code: int = 0) -> None:
         run, self.run = self.run, None

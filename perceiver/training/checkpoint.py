@@ -89,13 +89,19 @@ class Checkpointer:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a resumable checkpoint on the CPU; CheckpointError when it is unreadable or something else."""
+def load_file(path: Path) -> Any:
+    """`torch.load` a checkpoint or model file on the CPU (tensors and plain values only); CheckpointError
+    when it is truncated or corrupt."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for damaged files
         reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({reason[:200]})") from error
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a resumable checkpoint on the CPU; CheckpointError when it is unreadable or something else."""
+    state = load_file(path)
     check_header(state, TrainState.FORMAT, TrainState.VERSION, path, TrainState.WHAT)
     return state
 

@@ -217,9 +217,16 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, augment: BatchAugment, loader: Iterable, device: torch.device, precision: str, num_classes: int
+    model: nn.Module,
+    augment: BatchAugment,
+    loader: Iterable,
+    device: torch.device,
+    precision: str,
+    num_classes: int,
+    observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
-    """Loss, top-1 and top-5 (fractions) over a whole loader, with the inference preprocessing."""
+    """Loss, top-1 and top-5 (fractions) over a whole loader, with the inference preprocessing. `observe(images,
+    labels, logits)` sees every batch (evaluate.py's confusion matrix and mistakes: the same numbers, one pass)."""
     model.eval()
     metrics = RunningMetrics(device, num_classes)
     for images, labels in loader:
@@ -228,6 +235,8 @@ def evaluate(
         with autocast(device, precision):
             logits = model(augment.preprocess(images))
         metrics.update(classification_loss(logits, labels), logits, labels)
+        if observe is not None:
+            observe(images, labels, logits)
     return metrics.compute()
 
 
@@ -442,9 +451,20 @@ class _Fit:
         if self.checkpointer is None:
             return None
         if improved:
-            best = BestModel(self.best_state, epoch, val, self.record.config)
+            best = BestModel(self.best_state, epoch, val, self.record.config, **self.model_card())
             save_atomic(self.run_dir / "best.pt", best.to_dict())
         return self.save(epoch + 1, 0, None)
+
+    def model_card(self) -> dict[str, Any]:
+        """best.pt's description of the model: the run's (how it was built, its classes and data), and the
+        normalisation and input side read from the input pipeline itself, so they are what training applied."""
+        augment = self.parts.augment
+        return {
+            **(self.record.model_card or {}),
+            "mean": augment.mean.flatten().tolist(),
+            "std": augment.std.flatten().tolist(),
+            "image_size": augment.image_size,
+        }
 
     def diverged(self, error: NonFiniteLossError, current: EpochProgress) -> NonFiniteLossError:
         """Save the last good state (before the bad step) and say where the loss diverged."""

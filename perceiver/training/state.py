@@ -44,6 +44,9 @@ class RunRecord:
     config: dict[str, Any] | None = None
     overrides: list[str] = field(default_factory=list)
     wandb_run_id: str | None = None
+    # What best.pt needs to be used outside the run and that the loop cannot know: BestModel's model_config,
+    # classes, data_image_size and data (the loop adds the normalisation its input pipeline applied).
+    model_card: dict[str, Any] | None = None
 
 
 @dataclass
@@ -102,16 +105,27 @@ class TrainState:
 
 @dataclass
 class BestModel:
-    """The weights with the lowest validation loss, and which epoch and config they come from (best.pt)."""
+    """The weights with the lowest validation loss (best.pt), and everything needed to use them outside the run:
+    how to build the model, how its inputs were prepared and what its outputs mean.
+
+    Version 2 added the fields after `config`; a version-1 file is refused, naming them (`from_dict`).
+    """
 
     FORMAT: ClassVar[str] = "perceiver-model"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     WHAT: ClassVar[str] = "a model file (best.pt) of this project"
 
     model: dict[str, torch.Tensor]
     epoch: int
     val: dict[str, float]
-    config: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None  # the run's resolved config
+    model_config: dict[str, Any] | None = None  # `_target_` and the constructor arguments it was built with
+    classes: list[str] | None = None  # class names, by label index
+    mean: list[float] | None = None  # per-channel normalisation the training applied (0-255 units)
+    std: list[float] | None = None
+    data_image_size: int | None = None  # side S of the images as the data set decoded them (the model's input)
+    image_size: int | None = None  # side the model sees: images are resized from S to it after normalising
+    data: dict[str, Any] | None = None  # the data set's config: where the images came from
 
     def to_dict(self) -> dict[str, Any]:
         own = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -119,10 +133,22 @@ class BestModel:
 
     @classmethod
     def from_dict(cls, state: dict[str, Any], source: object = "the model file") -> BestModel:
+        if isinstance(state, dict) and state.get("format") == cls.FORMAT and state.get("version") == 1:
+            added = ", ".join(f.name for f in fields(cls)[4:])
+            raise CheckpointError(
+                f"{source} is a version-1 model file: it holds the weights and the run's config but not {added}, "
+                "which using the model outside its run needs; train the run again with this version"
+            )
         check_header(state, cls.FORMAT, cls.VERSION, source, cls.WHAT)
         names = [f.name for f in fields(cls)]
         _missing(state, names, source)
         return cls(**{name: state[name] for name in names})
+
+    def missing_card(self) -> list[str]:
+        """Which of the fields that rebuilding and feeding the model needs are empty: a `fit` called without
+        `RunRecord.model_card` knows the normalisation but not how the model was built or what its classes are."""
+        needed = ("model_config", "classes", "mean", "std", "image_size")
+        return [name for name in needed if getattr(self, name) is None]
 
 
 # ----------------------------------------------------------------------------- random number generators
