@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from perceiver.experiment.build import Parts, build, build_parts, load_data, make_loaders, with_measured_peak
 from perceiver.experiment.config import ConfigError, check_run_settings
-from perceiver.experiment.finetune import is_artifact, start_from
 from perceiver.experiment.resume import carried_overrides, resumed_config
 from perceiver.experiment.sweeps import run_name, run_tags, swept_keys
 from perceiver.experiment.tracking import NullTracker
@@ -217,6 +216,8 @@ class Run:
             self.run_dir,
         )
         init_from = self.cfg.get("init_from") if resume is None else None  # a resumed run has its own weights
+        if init_from:
+            from perceiver.experiment.finetune import is_artifact, start_from  # only when used (it loads inference)
         if init_from and not is_artifact(init_from):
             start_from(init_from, parts.model, parts.model_config)  # before the data: a bad path costs seconds
         if not context.is_main:
