@@ -23,6 +23,7 @@ def isolated_environment(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
     monkeypatch.setenv("WANDB_DIR", str(home / "wandb"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(home / "wandb-cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(home / "wandb-data"))  # staged artifact files
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("NETRC", str(home / "netrc"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

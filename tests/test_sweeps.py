@@ -23,8 +23,16 @@ from omegaconf import DictConfig, OmegaConf
 import sweep
 from perceiver.experiment.config import ConfigError
 from perceiver.experiment.run import train
-from perceiver.experiment.summary import Summary, markdown_table, plot_data, summarize, write_summary
+from perceiver.experiment.summary import (
+    Summary,
+    log_to_wandb,
+    markdown_table,
+    plot_data,
+    summarize,
+    write_summary,
+)
 from perceiver.experiment.sweeps import grid, run_name, run_tags, wandb_sweep_config
+from perceiver.experiment.tracking import WandbTracker
 from perceiver.training.device import configure_determinism
 from tests.conftest import CONF, REPO
 from tests.helpers import job_dirs, offline_runs, run_script
@@ -142,6 +150,44 @@ def test_summary_groups_seeds_per_point_and_plots_categories_in_grid_order(tmp_p
     assert table[2].startswith("| none | 1 | 2 | 0.6000 ± 0.1414 |")
     files = write_summary(summary)
     assert files["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("key", "values", "chart", "x"),
+    [
+        ("model.latent_dim", ["64", "32"], "wandb/line/v0", "latent_dim"),
+        ("model.position_encoding", ["none", "learned"], "wandb/bar/v0", "label"),
+    ],
+    ids=["numeric-line", "categorical-bar"],
+)
+def test_the_summary_run_holds_the_plot_as_a_native_wandb_chart(
+    tmp_path: Path, key: str, values: list[str], chart: str, x: str
+) -> None:
+    """Beside the PNG: a line chart over the plot's points on a numeric axis, a bar chart on a categorical one;
+    its table holds the same means as the grid (top-1 of seeds 0 and 1 here: 0.1 * job number + 0.1, 0.2, ...)."""
+    number = 0
+    for value in values:
+        for seed in (0, 1):
+            write_job(tmp_path, number, [f"{key}={value}", f"seed={seed}"], 0.1 * (number + 1))
+            number += 1
+    summary = summarize(tmp_path)
+    log_to_wandb(summary, write_summary(summary), lambda **kwargs: WandbTracker(mode="offline", **kwargs))
+    (run,) = offline_runs(tmp_path)
+    panel = run.charts["top1_chart"]
+    assert panel["panelDefId"] == chart
+    assert panel["fieldSettings"]["x" if chart.endswith("line/v0") else "label"] == x
+    assert panel["fieldSettings"]["y" if chart.endswith("line/v0") else "value"] == "top1_mean"
+    assert (
+        run.history[0]["top1_chart_table/_type"] == "table-file" and run.history[0]["top1_plot/_type"] == "image-file"
+    )
+    (table_file,) = tmp_path.glob("wandb/offline-run-*/files/media/table/top1_chart_table_*.table.json")
+    table = json.loads(table_file.read_text())
+    means = {row[0]: row[table["columns"].index("top1_mean")] for row in table["data"]}
+    expected = {values[0]: 0.15, values[1]: 0.35}
+    if chart.endswith("line/v0"):
+        expected = {int(value): mean for value, mean in expected.items()}
+        assert list(means) == sorted(means)  # along the axis
+    assert means == pytest.approx(expected)
 
 
 def test_numeric_axes_are_sorted_by_value() -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import wandb
 from wandb.proto import wandb_internal_pb2
 
 # The `.wandb` file is a LevelDB-style log: a 7-byte file header (":W&B", magic, version), then 32 KiB
@@ -20,6 +21,10 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    # `run.finish()` returns before W&B's service has flushed and closed the run file, so a test reading a
+    # run it just finished in-process could see it half-written; teardown waits for the service to finish
+    # every run (a no-op when the run was written by another process, which has exited).
+    wandb.teardown()
     data = Path(path).read_bytes()
     ident, _magic, _version = FILE_HEADER.unpack_from(data, 0)
     assert ident == b":W&B", f"{path} is not a W&B run file"
@@ -42,8 +47,22 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
+@dataclass(frozen=True)
+class ArtifactRecord:
+    name: str
+    type: str
+    aliases: tuple[str, ...]
+    files: dict[str, str] = field(default_factory=dict, compare=False)  # path in the artifact -> staged copy
+
+
 @dataclass
 class OfflineRun:
+    """`history` holds the rows a run logged *except* its step rows: W&B's history records that carry
+    `global_step` without an `epoch` (the training loss every `trainer.log_every_n_steps`, see
+    perceiver.experiment.tracking.STEP_METRICS); those are in `step_history`. A step row that W&B merged into
+    an epoch row of the same global step is in both. So `history` of a training run is its epoch rows, as
+    before step rows existed, and any other run's rows are all there."""
+
     run_id: str
     group: str
     job_type: str
@@ -53,6 +72,19 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
+    step_history: list[dict[str, Any]] = field(default_factory=list)  # rows with `global_step`
+    artifacts: list[ArtifactRecord] = field(default_factory=list)
+    preempting: bool = False  # the run called `mark_preempting()`
+    charts: dict[str, dict[str, Any]] = field(default_factory=dict)  # custom charts (wandb.plot.*): panel configs
+
+
+def is_step_only(row: dict[str, Any]) -> bool:
+    return "global_step" in row and "epoch" not in row
+
+
+def media(row: dict[str, Any]) -> dict[str, str]:
+    """The media a history row holds, by key: {"attention/maps": "image-file", "predictions": "table-file"}."""
+    return {key.removesuffix("/_type"): value for key, value in row.items() if key.endswith("/_type")}
 
 
 def _item_key(item: Any) -> str:
@@ -60,10 +92,12 @@ def _item_key(item: Any) -> str:
 
 
 def read_offline_run(run_file: Path) -> OfflineRun:
-    """The run's identity, config, per-step history and final summary as W&B recorded them."""
+    """The run's identity, config, history (step rows apart), final summary, artifacts and preemption as W&B
+    recorded them."""
     run: OfflineRun | None = None
     config: dict[str, Any] = {}
     history, summary, exit_code = [], {}, None
+    artifacts, preempting, charts = [], False, {}
     for record in read_records(run_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -71,17 +105,28 @@ def read_offline_run(run_file: Path) -> OfflineRun:
             run = OfflineRun(r.run_id, r.run_group, r.job_type, r.display_name, list(r.tags))
             config.update({item.key: json.loads(item.value_json) for item in r.config.update})
         elif kind == "config":
-            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update if item.key})
+            for item in record.config.update:  # a chart is stored as config _wandb.visualize.<key>
+                if list(item.nested_key[:2]) == ["_wandb", "visualize"]:
+                    charts[item.nested_key[2]] = json.loads(item.value_json)["panel_config"]
         elif kind == "history":
             history.append({_item_key(item): json.loads(item.value_json) for item in record.history.item})
         elif kind == "summary":
             summary.update({_item_key(item): json.loads(item.value_json) for item in record.summary.update})
         elif kind == "exit":
             exit_code = record.exit.exit_code
+        elif kind == "artifact":
+            a = record.artifact
+            files = {entry.path: entry.local_path for entry in a.manifest.contents}
+            artifacts.append(ArtifactRecord(a.name, a.type, tuple(a.aliases), files))
+        elif kind == "preempting":
+            preempting = True
     assert run is not None, f"{run_file} has no run record"
     # W&B stores each config value as {"value": ...}; unwrap for readability.
     run.config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items()}
-    run.history, run.summary, run.exit_code = history, summary, exit_code
+    run.history, run.summary, run.exit_code = [row for row in history if not is_step_only(row)], summary, exit_code
+    run.step_history = [row for row in history if "global_step" in row]
+    run.artifacts, run.preempting, run.charts = artifacts, preempting, charts
     return run
 
 

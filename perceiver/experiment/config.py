@@ -76,6 +76,9 @@ def check_run_settings(cfg: DictConfig) -> None:
     fraction = cfg.data.val_fraction
     if not is_number(fraction) or not 0 < fraction < 1:
         raise ConfigError(f"data.val_fraction={fraction!r} is invalid: it must be a number in (0, 1)")
+    rows = (cfg.get("logger") or {}).get("prediction_rows", 0)
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise ConfigError(f"logger.prediction_rows={rows!r} is invalid: a number of table rows >= 0 (0 = no table)")
     for group, names in NUMBER_FIELDS.items():
         node = cfg.get(group) or {}
         for name in names:

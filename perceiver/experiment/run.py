@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import shutil
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from perceiver.experiment.build import Parts, build, build_parts, load_data, make_loaders, with_measured_peak
 from perceiver.experiment.config import ConfigError, check_run_settings
+from perceiver.experiment.dashboards import RunDashboards
 from perceiver.experiment.resume import carried_overrides, resumed_config
 from perceiver.experiment.sweeps import run_name, run_tags, swept_keys
 from perceiver.experiment.tracking import NullTracker
@@ -233,7 +235,11 @@ class Run:
                 start_from(init_from, parts.model, parts.model_config, tracker)  # recorded as the run's input
             record = RunRecord(self.resolved, self.overrides, model_card=model_card(self.cfg, parts))
             loaders = (train_loader, val_loader)
-            result = fit(parts.training(), *loaders, parts.settings, self.run_dir, resume, tracker, record)
+            shown = self.dashboards(splits.val, tracker)
+            callbacks = shown.callbacks() if shown is not None else []
+            result = fit(parts.training(), *loaders, parts.settings, self.run_dir, resume, tracker, record, callbacks)
+            if shown is not None:
+                shown.at_end(parts.model, result.global_step, result.best_epoch)
             test = evaluate(
                 parts.model, parts.augment, test_loader, parts.device, parts.settings.precision, parts.num_classes
             )
@@ -242,9 +248,19 @@ class Run:
             return metrics
         except TrainingInterrupted as stopped:
             exit_code = stopped.exit_code
+            if stopped.signum == signal.SIGTERM:  # a scheduler's preemption: W&B expects the run to resume
+                tracker.mark_preempting()
             raise
         finally:
             tracker.finish(exit_code=exit_code)
+
+    def dashboards(self, val: Any, tracker: Any) -> RunDashboards | None:
+        """Attention figures and the predictions table of a fixed validation batch: rank 0's."""
+        if not self.context.is_main:
+            return None
+        classes = getattr(self.parts.source, "classes", None)
+        parts = self.parts
+        return RunDashboards(parts.model, parts.augment, val, parts.settings, self.run_dir, tracker, classes)
 
     def start_tracker(self, run_id: str | None) -> Any:
         """One W&B run per training run: rank 0's, continued under its id when resuming."""

@@ -1,5 +1,6 @@
 """Summarise a sweep directory: one row per job, mean +- std over seeds per grid point, a plot of test
-top-1 against the ablated axis, and the same table and plot as a W&B run in the sweep's group.
+top-1 against the ablated axis, and the same tables and plot (as an image and a native W&B chart) as a W&B
+run in the sweep's group.
 
 Reads only what the jobs wrote (`.hydra/overrides.yaml`, `metrics.json`, `error.txt`), so it works on
 a finished, failed or half-done sweep, and again at any time later. `SweepSummary` is the Hydra callback
@@ -253,6 +254,7 @@ def log_to_wandb(summary: Summary, files: dict[str, Path], tracker_factory: Any)
             logged["grid"] = table(summary.rows)
         if "plot" in files:
             logged["top1_plot"] = wandb.Image(str(files["plot"]))
+            logged["top1_chart"] = native_chart(summary)
         tracker.log(logged)
         best = max((row for row in summary.rows if row["n"]), key=lambda row: row["top1_mean"], default=None)
         if best is not None:
@@ -260,6 +262,35 @@ def log_to_wandb(summary: Summary, files: dict[str, Path], tracker_factory: Any)
     finally:
         tracker.finish()
     return tracker.run_id
+
+
+def chart_rows(summary: Summary) -> list[dict[str, Any]]:
+    """The plot's points as table rows: the axis value (a number on a numeric axis), test top-1 mean and std,
+    and the line (the other swept keys) the point belongs to."""
+    data = plot_data(summary)
+    labels = {position: value for value, position in data.ticks.items()}
+    name = short_key(summary.axis, summary.keys) if summary.axis else "point"
+    return [
+        {name: x if data.numeric else labels[x], "top1_mean": mean, "top1_std": std, "line": line or "all"}
+        for line, points in data.lines.items()
+        for x, mean, std in points
+    ]
+
+
+def native_chart(summary: Summary) -> Any:
+    """The plot as a W&B chart, interactive in the dashboard: a line chart (one line per other setting) on a
+    numeric axis, a bar chart on a categorical one (lines between categories would mean nothing)."""
+    import wandb
+
+    rows = chart_rows(summary)
+    name = next(iter(rows[0]))
+    title = f"test top-1 against {name} ({summary.sweep_dir.name})"
+    if plot_data(summary).numeric:
+        stroke = "line" if len({row["line"] for row in rows}) > 1 else None
+        return wandb.plot.line(table(rows), name, "top1_mean", stroke=stroke, title=title)
+    for row in rows:
+        row["label"] = row[name] if row["line"] == "all" else f"{row[name]} ({row['line']})"
+    return wandb.plot.bar(table(rows), "label", "top1_mean", title=title)
 
 
 def table(rows: Sequence[dict[str, Any]]) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -23,8 +23,13 @@ MODES = ("auto", "online", "offline", "disabled")
 # Epoch rows are plotted against their `epoch` key rather than W&B's own step, so that curves of runs that
 # log at different rates (or a resumed run) line up; the summary keeps the best validation loss and top-1,
 # not the last epoch's. Named prefixes, not "*": a sweep's summary run logs tables that have no epoch.
-EPOCH_METRICS = ("train/*", "val/*", "perf/*", "lr", "images_per_second", "epoch_seconds")
+EPOCH_METRICS = ("train/*", "val/*", "perf/*", "lr", "images_per_second", "epoch_seconds", "attention/*")
 BEST_SUMMARIES = {"val/loss": "min", "val/top1": "max"}
+# Step rows (the training loss and learning rate every `trainer.log_every_n_steps`) are plotted against the
+# global step. W&B's own step is the global step for both kinds of rows: it only grows, also across a resume,
+# and an epoch row merges with a step row of the same step.
+STEP_METRICS = ("train_step/*",)
+MODEL_ALIASES = ("best", "latest")  # the model artifact is the best checkpoint, uploaded last
 
 
 class NullTracker:
@@ -32,6 +37,7 @@ class NullTracker:
 
     mode = "disabled"
     run_id: str | None = None
+    prediction_rows = 0
 
     def __init__(self, **settings: Any) -> None:
         """Accepts and ignores the W&B tracker's settings, so `logger=none` composes like `logger=wandb`."""
@@ -50,6 +56,15 @@ class NullTracker:
 
     def use_artifact(self, reference: str) -> Path:
         return download_artifact(reference)
+
+    def log_images(self, images: dict[str, Path], step: int | None = None) -> None:
+        pass
+
+    def log_predictions(self, key: str, rows: Sequence[tuple[Any, str, str, float]], step: int | None = None) -> None:
+        pass
+
+    def mark_preempting(self) -> None:
+        pass
 
     def finish(self, exit_code: int = 0) -> None:
         pass
@@ -113,11 +128,15 @@ class WandbTracker:
         tags: list[str] | None = None,
         notes: str | None = None,
         log_model: bool = False,
+        prediction_rows: int = 32,
         init_timeout: float = 60.0,
         run_id: str | None = None,
     ) -> None:
         self.mode = resolve_mode(mode)
         self.log_model = log_model
+        if isinstance(prediction_rows, bool) or not isinstance(prediction_rows, int) or prediction_rows < 0:
+            raise ValueError(f"prediction_rows={prediction_rows!r} is invalid: a number of table rows >= 0")
+        self.prediction_rows = prediction_rows
         self.init_timeout = init_timeout
         self.run = None
         self.run_id: str | None = run_id
@@ -169,6 +188,9 @@ class WandbTracker:
                 self.run.define_metric(name, step_metric="epoch")
             for name, summary in BEST_SUMMARIES.items():  # an exact name overrides its glob: repeat the step
                 self.run.define_metric(name, step_metric="epoch", summary=summary)
+            self.run.define_metric("global_step")
+            for name in STEP_METRICS:
+                self.run.define_metric(name, step_metric="global_step")
         except Exception as error:
             log.warning("W&B: could not define the epoch metrics (%s); curves use W&B's step.", describe(error))
 
@@ -220,7 +242,7 @@ class WandbTracker:
 
             artifact = wandb.Artifact(name, type=kind)
             artifact.add_file(str(path))
-            self.run.log_artifact(artifact)
+            self.run.log_artifact(artifact, aliases=list(MODEL_ALIASES) if kind == "model" else None)
 
         self._guarded("logging the artifact", upload)
 
@@ -238,6 +260,36 @@ class WandbTracker:
         """Download a W&B artifact (`entity/project/name:version`) as this run's input, so that the run's lineage
         shows where its starting weights came from; without a run, through the public API."""
         return download_artifact(reference, self.run)
+
+    def log_images(self, images: dict[str, Path], step: int | None = None) -> None:
+        """PNG files as W&B images (media panels), at the global step of the epoch row they belong to."""
+
+        def send() -> None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path)) for key, path in images.items()}, step=step)
+
+        self._guarded("logging images", send)
+
+    def log_predictions(self, key: str, rows: Sequence[tuple[Any, str, str, float]], step: int | None = None) -> None:
+        """A table of (image as an (H, W, C) uint8 array, label, prediction, confidence), at most
+        `prediction_rows` of them."""
+        if not self.prediction_rows:
+            return
+
+        def send() -> None:
+            import wandb
+
+            table = wandb.Table(columns=["image", "label", "prediction", "confidence"])
+            for image, label, prediction, confidence in rows[: self.prediction_rows]:
+                table.add_data(wandb.Image(image), label, prediction, confidence)
+            self.run.log({key: table}, step=step)
+
+        self._guarded("logging the predictions table", send)
+
+    def mark_preempting(self) -> None:
+        """Tell W&B the run was preempted (SIGTERM) and will be resumed, rather than that it crashed."""
+        self._guarded("marking the run preempting", lambda: self.run.mark_preempting())
 
     def finish(self, exit_code: int = 0) -> None:
         run, self.run = self.run, None

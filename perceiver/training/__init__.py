@@ -2,7 +2,7 @@
 files, signals, devices and distributed runs. Nothing here knows about configs, command lines or W&B."""
 
 from perceiver.training.checkpoint import Checkpointer, locate, read_checkpoint
-from perceiver.training.loop import FitResult, TrainingParts, evaluate, fit
+from perceiver.training.loop import EpochEnd, FitResult, TrainingParts, evaluate, fit
 from perceiver.training.settings import TrainSettings
 from perceiver.training.signals import TrainingInterrupted
 from perceiver.training.state import BestModel, CheckpointError, RunRecord, TrainState
@@ -12,6 +12,7 @@ __all__ = [
     "BestModel",
     "CheckpointError",
     "Checkpointer",
+    "EpochEnd",
     "FitResult",
     "NonFiniteLossError",
     "RunRecord",

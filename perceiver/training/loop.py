@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 
 
 class Tracker(Protocol):
-    """Where epoch rows go (W&B, or nowhere); `run_id` is recorded in checkpoints to continue the same run."""
+    """Where epoch rows and step rows go (W&B, or nowhere); `run_id` is recorded in checkpoints to continue the
+    same run. `step` is the global training step: it only grows, also across a resume."""
 
     run_id: str | None
 
@@ -89,6 +90,21 @@ class FitResult:
     images_per_second: float
     train_seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    global_step: int = 0  # optimisation steps in all, the step of the last epoch row
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """What an epoch-end callback of `fit` is shown: the epoch's row (as logged), the global step it was
+    logged at, and the model with this epoch's weights (in whatever mode training left it)."""
+
+    epoch: int
+    global_step: int
+    row: dict[str, float]
+    model: nn.Module
+
+
+EpochCallback = Callable[[EpochEnd], None]  # e.g. the experiment layer's attention figures
 
 
 def step_scheduler(scheduler: Any, epochs_done: int, val_loss: float) -> None:
@@ -186,11 +202,14 @@ def train_one_epoch(
     description: str = "",
     start_batch: int = 0,
     after_step: Callable[[int], None] | None = None,
+    report_loss: Callable[[int, float], None] | None = None,
+    steps_before: int = 0,
 ) -> RunningMetrics:
     """One pass over `loader` (positioned by the caller; `start_batch` batches were done before a resume).
-    `after_step(batch)` runs at every step boundary (checkpoints, stop requests). The running loss shows in
-    the bar, or without one as a log line every `log_every_n_steps` steps of a long epoch (a short one has
-    just its epoch-end line); either way the loss is read (a host sync) once per interval, never per step."""
+    `after_step(batch)` runs at every step boundary (checkpoints, stop requests). Every `log_every_n_steps`
+    global steps (`steps_before` were done before this call) the loss is read, a host sync, once per interval
+    and never per step: it shows in the bar, or without one as a log line in a long epoch (a short one has
+    just its epoch-end line), and goes to `report_loss(global step, loss)` (the tracker's step rows)."""
     step.model.train()
     settings = step.settings
     total = len(loader) if hasattr(loader, "__len__") else None  # ours: the whole epoch
@@ -202,14 +221,18 @@ def train_one_epoch(
         batches = loader
     log_lines = not draw and distributed.current().is_main and (total is None or total > 4 * every)
     of = f"/{total}" if total is not None else ""
+    reads = draw or log_lines or report_loss is not None
     for batch, (images, labels) in enumerate(batches, start=start_batch + 1):
         loss = step(images, labels, metrics, description, batch)
-        if (draw or log_lines) and batch % every == 0:
+        global_step = steps_before + batch - start_batch
+        if reads and global_step % every == 0:
             value = loss.item()  # one sync per log interval, never per step
             if draw:
                 batches.set_postfix(loss=f"{value:.3f}")
-            else:
+            elif log_lines:
                 log.info("%s  batch %d%s  loss %.4f", description, batch, of, value)
+            if report_loss is not None:
+                report_loss(global_step, value)
         if after_step is not None:
             after_step(batch)
     return metrics
@@ -269,6 +292,7 @@ def fit(
     resume: TrainState | None = None,
     tracker: Tracker | None = None,
     record: RunRecord | None = None,
+    callbacks: Sequence[EpochCallback] = (),
 ) -> FitResult:
     """Train for up to `settings.epochs`, keep the weights with the lowest validation loss, and load
     them into `parts.model` before returning.
@@ -279,19 +303,29 @@ def fit(
     `nonfinite_loss=skip`). With a numeric `settings.peak_tflops` and a model that counts its FLOPs, every
     epoch row also holds the achieved TFLOP/s and the model FLOP utilisation. `record` (the run's config
     and overrides) is written into every checkpoint.
+
+    The tracker gets each epoch row, and on rank 0 a step row (`global_step`, `train_step/loss`,
+    `train_step/lr`) every `log_every_n_steps` steps, both at the global step. `callbacks` run at every epoch
+    end after the checkpoint and the row (not when stopping for a signal), on every rank.
     """
-    return _Fit(parts, settings, Path(run_dir), tracker or _NoTracker(), record or RunRecord()).run(
-        train_loader, val_loader, resume
-    )
+    fitting = _Fit(parts, settings, Path(run_dir), tracker or _NoTracker(), record or RunRecord(), callbacks)
+    return fitting.run(train_loader, val_loader, resume)
 
 
 class _Fit:
     """One call of `fit`: the parts, the training state they advance, and what happens at step and epoch ends."""
 
     def __init__(
-        self, parts: TrainingParts, settings: TrainSettings, run_dir: Path, tracker: Tracker, record: RunRecord
+        self,
+        parts: TrainingParts,
+        settings: TrainSettings,
+        run_dir: Path,
+        tracker: Tracker,
+        record: RunRecord,
+        callbacks: Sequence[EpochCallback] = (),
     ) -> None:
         self.parts, self.settings, self.run_dir, self.tracker, self.record = parts, settings, run_dir, tracker, record
+        self.callbacks = list(callbacks)
         self.device = resolve_device(settings.device)
         model = parts.model
         wrapped = distributed.wrap(model, self.device)  # DistributedDataParallel under torchrun
@@ -339,8 +373,11 @@ class _Fit:
         self.current = current
         batches = epoch_batches(loader, epoch, first_batch)
         description = f"epoch {epoch}/{self.settings.epochs}"
+        report = self.log_step if distributed.current().is_main else None
         try:
-            train_one_epoch(self.step, batches, current.metrics, description, first_batch, self.after_step)
+            train_one_epoch(
+                self.step, batches, current.metrics, description, first_batch, self.after_step, report, self.global_step
+            )
             self.read_checks(description)  # an epoch's last steps, where its length is not known
         except NonFiniteLossError as error:
             raise self.diverged(error, current) from None
@@ -369,9 +406,16 @@ class _Fit:
         if improved:
             self.best_state = copy.deepcopy(self.parts.model.state_dict())
         path = self.save_epoch_end(epoch, val, improved)
-        self.tracker.log(row, step=epoch)  # after the checkpoint: a resumed run never logs an epoch twice
+        self.tracker.log(row, step=self.global_step)  # after the checkpoint: a resumed run never logs an epoch twice
         if distributed.any_rank(self.stop.signum is not None, self.device):
             raise TrainingInterrupted(self.stop.signum or signal.SIGTERM, epoch, self.global_step, path, self.run_dir)
+        for callback in self.callbacks:
+            callback(EpochEnd(epoch, self.global_step, row, self.parts.model))
+
+    def log_step(self, global_step: int, loss: float) -> None:
+        """A step row for the tracker, from the loss the loop has just read anyway (no extra host sync)."""
+        lr = self.parts.optimizer.param_groups[0]["lr"]
+        self.tracker.log({"global_step": global_step, "train_step/loss": loss, "train_step/lr": lr}, step=global_step)
 
     def after_step(self, batch: int) -> None:
         """At each step boundary: a checkpoint when one is due or a stop was requested; then stop if asked.
@@ -515,6 +559,7 @@ class _Fit:
             images_per_second=steady_throughput(self.history),
             train_seconds=sum(row["epoch_seconds"] for row in self.history),
             history=self.history,
+            global_step=self.global_step,
         )
 
 

@@ -43,6 +43,8 @@ class TrainSettings:
     keep_freed_memory: bool = True
     peak_tflops: Any = "auto"  # float | "auto" | None
     sync_free: Any = "auto"  # bool | "auto"
+    attention_every_n_epochs: int | None = 5  # read by the experiment layer's attention figures, not the loop
+    attention_images: int = 4
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "log_every_n_steps", "keep_checkpoints"):
@@ -84,9 +86,16 @@ class TrainSettings:
                 f"trainer.early_stopping_patience={patience!r} is invalid: "
                 "a positive integer, or null to never stop early"
             )
-        workers = self.num_workers
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-            raise ValueError(f"trainer.num_workers={workers!r} is invalid: it must be an integer >= 0")
+        for name in ("num_workers", "attention_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"trainer.{name}={value!r} is invalid: it must be an integer >= 0")
+        every = self.attention_every_n_epochs
+        if every is not None and not _positive_int(every):
+            raise ValueError(
+                f"trainer.attention_every_n_epochs={every!r} is invalid: "
+                "a positive integer, or null to draw the attention maps at the end of training only"
+            )
 
     def _check_choices(self) -> None:
         if self.nonfinite_loss not in NONFINITE_POLICIES:
