@@ -1,5 +1,9 @@
 """The whole benchmark in one run: `python -m bench [--out DIR] [--quick]`.
 
+Also: `python -m bench digits` (whole `train.py` processes on a real image folder against the Keras example,
+bench/digits.py), `python -m bench startup [train.py overrides]` (what a run spends before its first step,
+bench/startup.py) and `python -m bench augment` (images/s of the augmentation pipelines, bench/pipeline.py).
+
 1. This machine's fp32 matmul peak (the reference of every "% of peak").
 2. Training throughput at the "keras" and "small" settings (bench/settings.py): the Keras example (Keras 3
    re-implementation), perceiver-pytorch, a straightforward PyTorch port, and this project, each in its own
@@ -13,6 +17,7 @@ Writes results.json, results.md and scaling.png to DIR (default outputs/bench/<d
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import platform
@@ -113,7 +118,13 @@ def machine() -> dict[str, object]:
     return {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__}
 
 
+SUBCOMMANDS = {"digits": "bench.digits", "startup": "bench.startup", "augment": "bench.pipeline"}
+
+
 def main() -> None:
+    if sys.argv[1:2] and sys.argv[1] in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[sys.argv[1]])
+        return module.main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="output directory")
     parser.add_argument("--quick", action="store_true", help="small setting only, short timings (a smoke run)")

@@ -195,6 +195,12 @@ def test_an_unreadable_scan_cache_is_rebuilt_with_a_warning(tmp_path: Path, capl
 # ----------------------------------------------------------------------------- memory budget and settings
 
 
+def test_the_scan_takes_the_image_extensions_torchvision_does() -> None:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    assert folders.IMG_EXTENSIONS == IMG_EXTENSIONS
+
+
 def test_in_memory_auto_holds_the_folder_in_memory_only_within_the_budget(tmp_path: Path) -> None:
     folder = write_folder(tmp_path / "images")
     decoded = 12 * 3 * 6 * 6  # bytes

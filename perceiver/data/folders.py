@@ -37,6 +37,9 @@ IN_MEMORY_CHOICES = ("auto", True, False)
 SCAN_VERSION = 1
 IMAGES_VERSION = 1
 THREADS = 8  # file reads and PIL decoding release the GIL: threads overlap them
+# torchvision.datasets.folder.IMG_EXTENSIONS (ImageFolder's), kept here so that a warm start need not import
+# torchvision (seconds); tests/test_folder_cache.py checks that the two agree
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 # ----------------------------------------------------------------------------- the scan
@@ -119,8 +122,6 @@ def _cached_readability(folder: Path, cache: CacheDir) -> dict[str, list]:
 def scan_image_folder(folder: Path, cache: CacheDir | None = None) -> FolderScan:
     """Check every file below `folder/<class>/` once, before training; with a cache, only the files that are new
     or changed since the last scan are opened."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
     cache = cache or CacheDir(None)
     files = list_class_files(folder)
     stats = {path: info for found in files.values() for path, info in found.items()}
@@ -187,11 +188,21 @@ class ScannedImages(Dataset):
         return torch.tensor([label for _, label in self.samples], dtype=torch.long)
 
 
-def resize_transform(image_size: int) -> Callable:
-    """PIL image -> uint8 (3, size, size): torchvision's Resize (PIL, antialiased bilinear), then PILToTensor."""
-    from torchvision import transforms
+class ResizeToTensor:
+    """PIL image -> uint8 (3, size, size): torchvision's Resize (PIL, antialiased bilinear), then PILToTensor.
+    torchvision is imported at the first image, so a run served from the decoded cache never imports it."""
 
-    return transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+        self.transform: Callable | None = None
+
+    def __call__(self, image) -> torch.Tensor:
+        if self.transform is None:
+            from torchvision import transforms
+
+            size = (self.image_size, self.image_size)
+            self.transform = transforms.Compose([transforms.Resize(size), transforms.PILToTensor()])
+        return self.transform(image)
 
 
 def decode_all(images: ScannedImages) -> np.ndarray:
@@ -396,7 +407,7 @@ class ImageFolderSource:
         return size <= budget
 
     def load(self) -> tuple[Dataset, Dataset]:
-        transform = resize_transform(self.image_size)
+        transform = ResizeToTensor(self.image_size)
         in_memory = self.held_in_memory()
         folders = [("data.source.path", self.path), ("data.source.test_path", self.test_path)]
         loaded = []
