@@ -1,6 +1,10 @@
 """The whole benchmark in one run: `python -m bench [--out DIR] [--quick]`; `python -m bench gpu` is the GPU
 epoch check (bench/gpu.py).
 
+Also: `python -m bench digits` (whole `train.py` processes on a real image folder against the Keras example,
+bench/digits.py), `python -m bench startup [train.py overrides]` (what a run spends before its first step,
+bench/startup.py) and `python -m bench augment` (images/s of the augmentation pipelines, bench/pipeline.py).
+
 1. This machine's fp32 matmul peak (the reference of every "% of peak").
 2. This project against the Keras example (its Keras 3 re-implementation) in interleaved pairs of processes
    at the "small" and "keras" settings (bench/settings.py), under three allocator conditions, with bf16
@@ -15,6 +19,7 @@ Writes results.json, results.md and scaling.png to DIR (default outputs/bench/<d
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import platform
@@ -129,12 +134,18 @@ def machine() -> dict[str, object]:
     return {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__}
 
 
+SUBCOMMANDS = {"digits": "bench.digits", "startup": "bench.startup", "augment": "bench.pipeline"}
+
+
 def main() -> None:
     if sys.argv[1:2] == ["gpu"]:  # `python -m bench gpu ...`: the GPU epoch check (bench/gpu.py)
         from bench import gpu
 
         gpu.main(sys.argv[2:])
         return
+    if sys.argv[1:2] and sys.argv[1] in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[sys.argv[1]])
+        return module.main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="output directory")
     parser.add_argument("--quick", action="store_true", help="small setting only, short timings (a smoke run)")

@@ -3,11 +3,18 @@ DataLoader workers, and a training epoch against the model's step time x steps.
 
 Data: CIFAR-sized random uint8 images (32 x 32 x 3), the Keras example's recipe (normalise, resize to the
 model's size, random flip, random zoom +-20%).
+
+`python -m bench augment [--images N] [--image-size S]` times the augmentation configs on in-memory data:
+conf/augmentation/keras.yaml, randaugment.yaml (RandAugment batched on the device) and randaugment.yaml with
+`randaugment_backend=timm` (timm's per-image PIL RandAugment in 2 DataLoader workers, then the batched rest).
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -29,15 +36,63 @@ def random_cifar(count: int, seed: int = 0) -> ArrayDataset:
     return ArrayDataset(images, torch.from_numpy(rng.integers(0, 100, count)))
 
 
-def device_pipeline_rate(data: ArrayDataset, image_size: int, batch_size: int) -> float:
-    """Images/s of DeviceBatches + BatchAugment over one shuffled pass."""
-    augment = BatchAugment(image_size, 100)
+def device_pipeline_rate(data: ArrayDataset, image_size: int, batch_size: int, **augmentation) -> float:
+    """Images/s of DeviceBatches + BatchAugment (the Keras recipe, plus `augmentation`) over one shuffled pass."""
+    augment = BatchAugment(image_size, 100, **augmentation)
     augment.set_statistics(MEAN, STD)
     batches = DeviceBatches(data, batch_size, torch.device("cpu"), shuffle=True)
     start = time.perf_counter()
     for images, labels in batches:
         augment(images, labels)
     return len(data) / (time.perf_counter() - start)
+
+
+def timm_randaugment_rate(data: ArrayDataset, image_size: int, batch_size: int, workers: int = 2) -> float:
+    """Images/s of `augmentation=randaugment augmentation.randaugment_backend=timm`: timm's RandAugment per image
+    (PIL) in DataLoader workers, as `make_loader` runs it, then the batched Keras recipe."""
+    from perceiver.data import make_loader
+
+    augment = BatchAugment(image_size, 100, randaugment=RANDAUGMENT, randaugment_backend="timm")
+    augment.set_statistics(MEAN, STD)
+    loader = make_loader(data, batch_size, torch.device("cpu"), shuffle=True, num_workers=workers,
+                         sample_transform=augment.sample_transform())  # fmt: skip
+    start = time.perf_counter()
+    for images, labels in loader:
+        augment(images, labels)
+    return len(data) / (time.perf_counter() - start)
+
+
+RANDAUGMENT = "rand-m9-mstd0.5"  # conf/augmentation/randaugment.yaml
+
+
+def augmentation_rates(images: int, image_size: int, batch_size: int = 64) -> dict[str, float]:
+    torch.manual_seed(0)
+    data = random_cifar(images)
+    return {
+        "keras (flip, zoom)": device_pipeline_rate(data, image_size, batch_size),
+        "randaugment, device backend": device_pipeline_rate(
+            data, image_size, batch_size, randaugment=RANDAUGMENT, randaugment_backend="device"
+        ),
+        "randaugment, timm backend (2 workers)": timm_randaugment_rate(data, image_size, batch_size),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench augment", description="images/s of the augmentations")
+    parser.add_argument("--images", type=int, default=10_000, help="random 32x32 uint8 images, held in memory")
+    parser.add_argument("--image-size", type=int, default=64, help="the model's input side (resize target)")
+    args = parser.parse_args(argv)
+    rates = augmentation_rates(args.images, args.image_size)
+    print(f"command: python -m bench augment {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
+    size, threads = args.image_size, torch.get_num_threads()
+    print(f"{args.images} images of 32x32 -> {size}x{size}, batch 64, {threads} threads\n")
+    print("| augmentation | images/s |\n|---|---|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
 
 
 class PerSampleCifar(torch.utils.data.Dataset):

@@ -137,3 +137,42 @@ def test_a_peer_process_gets_its_allocator_environment_and_reports_it() -> None:
     peer = pairs.Peer("this project", "ours", ("--min-steps", "1", "--warmup", "0"), pairs.ENV_ALLOCATOR)
     row = pairs.measure_process(peer, "small", 0.0)
     assert row["allocator"] == "env" and row["minor_faults_per_step"] >= 0
+
+
+# ----------------------------------------------------------------------------- the digits benchmark
+
+
+def test_the_digits_folders_hold_every_image_once_upscaled_in_its_class_folder(tmp_path) -> None:
+    """On a tiny fake set of 8x8 images (no scikit-learn needed): a seeded test split, one PNG per image."""
+    import numpy as np
+    from PIL import Image
+
+    from bench.digits import write_digit_folders
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 8, 8), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    train, test = write_digit_folders(images, labels, tmp_path / "digits", size=32, test_fraction=0.2, seed=0)
+    written = {p.name: p for p in [*train.rglob("*.png"), *test.rglob("*.png")]}
+    assert len(list(test.rglob("*.png"))) == 2 and len(written) == 10
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        path = written[f"{index:04d}.png"]
+        assert path.parent.name == str(label)
+        expected = np.asarray(Image.fromarray(image, mode="L").resize((32, 32), Image.Resampling.BILINEAR))
+        assert np.array_equal(np.asarray(Image.open(path)), expected)
+    stamps = {name: p.stat().st_mtime_ns for name, p in written.items()}
+    write_digit_folders(images, labels, tmp_path / "digits", size=32, test_fraction=0.2, seed=0)
+    assert {name: p.stat().st_mtime_ns for name, p in written.items()} == stamps  # a rerun rewrites nothing
+
+
+def test_the_digits_table_gives_the_median_ratio_and_its_range() -> None:
+    from bench.digits import table
+
+    rows = [
+        {"pair": 1, "ours_s": 40.0, "keras_s": 80.0, "ratio": 2.0, "ours_top1": 0.9, "keras_top1": 0.8},
+        {"pair": 2, "ours_s": 50.0, "keras_s": 75.0, "ratio": 1.5, "ours_top1": 0.91, "keras_top1": 0.82},
+        {"pair": 3, "ours_s": 40.0, "keras_s": 70.0, "ratio": 1.75, "ours_top1": 0.9, "keras_top1": 0.81},
+    ]
+    lines = table(rows).splitlines()
+    assert lines[2] == "| 1 | 40.0 | 80.0 | 2.00 | 0.9000 | 0.8000 |"
+    assert lines[-1] == "median ratio 1.75 (range 1.50-2.00)"

@@ -3,15 +3,9 @@ batched augmentation that turns uint8 batches into model inputs on the training 
 
 from perceiver.data.augment import BatchAugment
 from perceiver.data.dataset import ArrayDataset, DataError, split_indices
+from perceiver.data.folders import decode_transform, open_rgb
 from perceiver.data.loaders import DeviceBatches, EpochSampler, Shard, make_loader
-from perceiver.data.sources import (
-    CifarSource,
-    DataSource,
-    ImageFolderSource,
-    SyntheticSource,
-    decode_transform,
-    open_rgb,
-)
+from perceiver.data.sources import CifarSource, DataSource, ImageFolderSource, SyntheticSource
 from perceiver.data.splits import Splits, channel_stats, prepare_splits, split_validation
 
 __all__ = [

@@ -2,8 +2,9 @@
 
 The Keras example's pipeline is Normalization -> Resizing(image_size) -> RandomFlip("horizontal") ->
 RandomZoom(0.2, 0.2); the random layers act only in training. Here each step runs on a whole uint8
-batch at once on the model's device. timm provides the stronger options: RandAugment (PIL, so it
-runs per sample in DataLoader workers) and Mixup/CutMix (batched, on device).
+batch at once on the model's device. The stronger options follow timm: RandAugment (timm's policy, batched on
+the device by `randaugment.py`, or timm's own per-image PIL version in DataLoader workers) and Mixup/CutMix
+(timm's, batched, on device).
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from perceiver.data.randaugment import HPARAMS, DeviceRandAugment, timm_policy
+
+RANDAUGMENT_BACKENDS = ("device", "timm")
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -44,7 +49,9 @@ class BatchAugment(nn.Module):
     """uint8 batches -> normalised float batches at the model's `image_size`, plus training targets.
 
     `set_statistics` must be called with the training split's per-channel mean/std (0-255 units)
-    before use: the statistics belong to the data, the pipeline to the config.
+    before use: the statistics belong to the data, the pipeline to the config. `randaugment_backend`: `timm`
+    (per-image PIL in DataLoader workers, via `sample_transform`) or `device` (batched in `forward`, which
+    conf/augmentation/ selects).
     """
 
     def __init__(
@@ -54,6 +61,7 @@ class BatchAugment(nn.Module):
         hflip: bool = True,
         zoom: float = 0.2,
         randaugment: str | None = None,
+        randaugment_backend: str = "timm",
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         mix_prob: float = 1.0,
@@ -69,7 +77,18 @@ class BatchAugment(nn.Module):
         self.image_size = image_size
         self.hflip = hflip
         self.zoom = zoom
+        if randaugment_backend not in RANDAUGMENT_BACKENDS:
+            raise ValueError(
+                f"augmentation.randaugment_backend={randaugment_backend!r} is invalid: "
+                f"choose one of {', '.join(RANDAUGMENT_BACKENDS)}"
+            )
         self.randaugment = randaugment
+        self.randaugment_backend = randaugment_backend
+        self.device_randaugment = None
+        if randaugment and randaugment_backend == "device":
+            self.device_randaugment = DeviceRandAugment(randaugment)
+        elif randaugment:
+            timm_policy(randaugment)  # a bad config string fails here, not in a DataLoader worker
         self.register_buffer("mean", torch.zeros(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.ones(1, 3, 1, 1), persistent=False)
         self.mixup = None
@@ -99,14 +118,14 @@ class BatchAugment(nn.Module):
         )
 
     def sample_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """Per-image transform for DataLoader workers (timm RandAugment), or None."""
-        if not self.randaugment:
+        """Per-image transform for DataLoader workers (timm's RandAugment, `randaugment_backend=timm`), or None:
+        batches then stay on the device-resident path."""
+        if not self.randaugment or self.randaugment_backend != "timm":
             return None
         from timm.data.auto_augment import rand_augment_transform
         from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
-        hparams = {"translate_const": 10, "img_mean": (124, 116, 104)}
-        transform = rand_augment_transform(self.randaugment, hparams)
+        transform = rand_augment_transform(self.randaugment, dict(HPARAMS))
         return lambda image: pil_to_tensor(transform(to_pil_image(image)))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -115,7 +134,10 @@ class BatchAugment(nn.Module):
         return resize(x, self.image_size)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training path: preprocess, random flip and zoom, then Mixup/CutMix (soft targets)."""
+        """Training path: RandAugment (device backend, on the uint8 images), preprocess, random flip and zoom, then
+        Mixup/CutMix (soft targets)."""
+        if self.device_randaugment is not None:
+            images = self.device_randaugment(images)
         x = self.preprocess(images)
         if self.hflip:
             x = random_hflip(x)

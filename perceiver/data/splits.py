@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from perceiver.data.cache import CacheDir
 from perceiver.data.dataset import ArrayDataset, split_indices
 from perceiver.data.sources import DataSource
-from perceiver.files import write_text_atomic
-
-log = logging.getLogger(__name__)
 
 
 def subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
@@ -50,21 +46,17 @@ def channel_stats(dataset: Dataset, max_images: int = 50_000) -> tuple[list[floa
 
 
 def cached_channel_stats(dataset: Dataset, key: str, cache_dir: Path | None) -> tuple[list[float], list[float]]:
-    """`channel_stats`, stored as JSON under cache_dir so later runs on the same split skip the pass."""
-    if cache_dir is None:
-        return channel_stats(dataset)
-    cache_file = Path(cache_dir) / f"stats-{key}.json"
-    if cache_file.is_file():
+    """`channel_stats`, stored as JSON under cache_dir so later runs on the same split skip the pass. A cache folder
+    that cannot be written only costs the recomputation next time (`CacheDir` says so once)."""
+    cache = CacheDir(cache_dir)
+    stored = cache.read_json(f"stats-{key}.json")
+    if stored is not None:
         try:
-            stored = json.loads(cache_file.read_text())
-            return stored["mean"], stored["std"]
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable cache: recompute and overwrite
+            return [float(m) for m in stored["mean"]], [float(s) for s in stored["std"]]
+        except (KeyError, TypeError, ValueError):
+            pass  # not a statistics file: recompute and overwrite
     mean, std = channel_stats(dataset)
-    try:
-        write_text_atomic(cache_file, json.dumps({"mean": mean, "std": std}))
-    except OSError as error:  # a read-only data root only costs the recomputation next time
-        log.warning("statistics not cached in %s (%s): they are computed again next time", cache_dir, error.strerror)
+    cache.write_json(f"stats-{key}.json", {"mean": mean, "std": std})
     return mean, std
 
 

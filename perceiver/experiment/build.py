@@ -27,6 +27,8 @@ from perceiver.training.metrics import training_flops
 log = logging.getLogger(__name__)
 
 MODELS = (Perceiver, ViT)  # a preset's fields for one of these are skipped, with a warning, by the others
+# (device, dtype) -> FLOP/s: timed once per process, so the jobs of a sweep run in one process share the ~1 s
+_matmul_peaks: dict[tuple[str, torch.dtype], float] = {}
 
 
 def describe(group: str, error: BaseException) -> str:
@@ -184,7 +186,8 @@ def make_loaders(
 
 def with_measured_peak(settings: TrainSettings, model: torch.nn.Module, device: torch.device) -> TrainSettings:
     """`trainer.peak_tflops=auto` measured: the device's matmul peak in the run's precision, the reference of
-    perf/mfu. A model without a FLOP count has no utilisation figures, so nothing is measured for it."""
+    perf/mfu, timed once per process. A model without a FLOP count has no utilisation figures, so nothing is
+    measured for it."""
     try:
         per_image = training_flops(model, settings.batch_size) / settings.batch_size
     except TypeError as error:
@@ -194,6 +197,8 @@ def with_measured_peak(settings: TrainSettings, model: torch.nn.Module, device: 
     if settings.peak_tflops != "auto":
         return settings
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision, torch.float32)
-    peak = matmul_peak(device, dtype) / 1e12
+    if (str(device), dtype) not in _matmul_peaks:
+        _matmul_peaks[str(device), dtype] = matmul_peak(device, dtype)
+    peak = _matmul_peaks[str(device), dtype] / 1e12
     log.info("%s matmul peak of %s: %.2f TFLOP/s (the reference of perf/mfu)", dtype, device, peak)
     return replace(settings, peak_tflops=peak)
