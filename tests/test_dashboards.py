@@ -443,12 +443,24 @@ def test_predictions_are_the_models_on_the_fixed_validation_images_and_no_maps_m
     shown.at_end(model, global_step=12, best_epoch=2)
     assert tracker.images == [] and not (tmp_path / "attention").exists()
     ((key, rows, step),) = tracker.tables
-    assert key == "predictions" and step == 12 and len(rows) == 3  # the first prediction_rows images
-    x = (images[:3].double() - 120.0) / 50.0
+    assert key == "predictions" and step == 12 and len(rows) == 3  # prediction_rows images spread over the split
+    chosen = [0, 2, 4]
+    x = (images[chosen].double() - 120.0) / 50.0
     x = torch.nn.functional.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False)
     with torch.no_grad():
         expected = torch.softmax(model.linear(x.mean(dim=(2, 3)).float()), dim=-1)
-    for (picture, label, prediction, confidence), truth, p in zip(rows, "abc", expected, strict=True):
+    for (picture, label, prediction, confidence), truth, p in zip(rows, "acb", expected, strict=True):
         assert picture.shape == (8, 8, 3) and picture.dtype == np.uint8
         assert label == truth and prediction == "abc"[int(p.argmax())]
         assert confidence == pytest.approx(float(p.max()), rel=1e-5)
+
+
+def test_the_fixed_batch_is_spread_over_a_split_ordered_by_class() -> None:
+    from perceiver.data import ArrayDataset
+    from perceiver.experiment.dashboards import spread_images
+
+    labels = torch.arange(10).repeat_interleave(3)  # an image folder's order: class by class
+    images = torch.arange(30, dtype=torch.uint8).view(30, 1, 1, 1).expand(30, 3, 2, 2).contiguous()
+    picked, picked_labels = spread_images(ArrayDataset(images, labels), 4)
+    assert picked[:, 0, 0, 0].tolist() == [0, 10, 19, 29] and picked_labels.tolist() == [0, 3, 6, 9]
+    assert len(spread_images(ArrayDataset(images, labels), 50)[0]) == 30  # a small split: all of it

@@ -26,10 +26,13 @@ log = logging.getLogger(__name__)
 FIGURE_DIR = "attention"  # below the run dir
 
 
-def first_images(dataset: Dataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `count` (image, label) pairs of a split as uint8 (B, C, H, W) and (B,): the same images every
-    epoch and on resume, since the validation split is seeded."""
-    pairs = [dataset[i] for i in range(min(count, len(dataset)))]
+def spread_images(dataset: Dataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` (image, label) pairs evenly spaced over a split, as uint8 (B, C, H, W) and (B,): the same images
+    every epoch and on resume (the validation split is seeded), and of several classes even when the split is
+    ordered by class (an image folder's is)."""
+    size = len(dataset)
+    indices = torch.linspace(0, size - 1, min(count, size)).round().long().tolist() if size and count else []
+    pairs = [dataset[i] for i in indices]
     if not pairs:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
     return torch.stack([image for image, _ in pairs]), torch.tensor([int(label) for _, label in pairs])
@@ -55,7 +58,7 @@ class RunDashboards:
             log.info("%s has no attention maps: no attention figure is drawn", type(model).__name__)
             self.figure_images = 0
         self.table_rows = getattr(tracker, "prediction_rows", 0)
-        self.images, self.labels = first_images(val, max(self.figure_images, self.table_rows))
+        self.images, self.labels = spread_images(val, max(self.figure_images, self.table_rows))
 
     def callbacks(self) -> list:
         """What `fit` should call at epoch ends."""
@@ -75,7 +78,7 @@ class RunDashboards:
     def attention(self, model: nn.Module, name: str, key: str, step: int, title: str) -> Path | None:
         """Draw the figure into attention/<name>.png and log it; a figure that fails only warns, and is not
         tried again: it never stops a training run."""
-        images, labels = self.images[: self.figure_images], self.labels[: self.figure_images]
+        images, labels = self.figure_batch()
         try:
             path = self.run_dir / FIGURE_DIR / f"{name}.png"
             draw_attention(model, self.augment, images, path, labels.tolist(), self.class_names, title=title)
@@ -85,6 +88,11 @@ class RunDashboards:
             return None
         self.tracker.log_images({key: path}, step=step)
         return path
+
+    def figure_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`figure_images` of the fixed batch, spread over it like the batch over the split."""
+        indices = torch.linspace(0, len(self.images) - 1, min(self.figure_images, len(self.images))).round().long()
+        return self.images[indices], self.labels[indices]
 
     @torch.no_grad()
     def predictions(self, model: nn.Module) -> list[tuple[Any, str, str, float]]:
