@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -103,12 +104,14 @@ def pair_rows(settings: list[str], counts: dict[str, int], seconds: dict[str, fl
     rows = []
     for setting in settings:
         for condition in pairs.CONDITIONS:
-            if condition.name not in conditions:
+            if condition.key not in conditions:
                 continue
             missing = [p.impl for p in condition.peers if not available(p.impl)]
             for impl in dict.fromkeys(missing):
                 print(f"  {setting}: {impl} skipped ({NEEDS[impl]} is not installed: pip install -e '.[bench]')")
-            present = pairs.Condition(condition.name, tuple(p for p in condition.peers if available(p.impl)))
+            present = pairs.Condition(
+                condition.key, condition.name, tuple(p for p in condition.peers if available(p.impl))
+            )
             rows += pairs.run_pairs(present, setting, counts[setting], seconds[setting])
     return rows
 
@@ -154,14 +157,16 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=None, help="throughput settings")
     parser.add_argument("--pairs", type=int, default=5, help="interleaved pairs at the small setting")
     parser.add_argument("--keras-pairs", type=int, default=3, help="interleaved pairs at the keras setting")
-    names = [c.name for c in pairs.CONDITIONS]
-    parser.add_argument("--conditions", nargs="+", choices=names, default=names, help="allocator conditions")
+    keys = [c.key for c in pairs.CONDITIONS]
+    parser.add_argument(
+        "--conditions", nargs="+", choices=keys, default=keys, help="allocator conditions (bench/pairs.py)"
+    )
     parser.add_argument("--once", action="store_true", help="one process per implementation, no pairs (old way)")
     args = parser.parse_args()
     out = args.out or Path("outputs/bench") / time.strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
     keep_freed_memory()  # for the in-process parts (scaling, pipeline), as train.py does
-    command = " ".join(["python -m bench", *sys.argv[1:]])
+    command = " ".join(["python -m bench", shlex.join(sys.argv[1:])]).strip()
     results: dict[str, object] = {"command": command, "machine": machine()}
     print(f"{command}\nmachine: {results['machine']}", flush=True)
     peak = matmul_peak(torch.device("cuda" if torch.cuda.is_available() else "cpu"), seconds=3.0)

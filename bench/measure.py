@@ -162,8 +162,9 @@ def measure(
 ) -> dict[str, object]:
     kept = keep_freed_memory() if allocator == "keep" else False
     step, params = build_step(impl, setting, precision, compile_model)
+    time_each_step(step, 0, 0.0, warmup)  # warm-up: its faults (first touches) are not the steady state's
     faults = minor_faults()
-    times = time_each_step(step, warmup, seconds, min_steps)
+    times = time_each_step(step, 0, seconds, min_steps)
     faults = minor_faults() - faults
     step_seconds = statistics.median(times)
     return {

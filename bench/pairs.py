@@ -5,12 +5,12 @@ Here every pair is a Keras process then one of ours (then the other peers of the
 ratio is taken within each pair and the median over the pairs is reported with its range. Each condition
 gives both peers the same allocator, applied the same way:
 
-- **out of the box:** what each peer does by itself: the Keras example with glibc's defaults, this project
+- **out of the box** (`box`): what each peer does by itself: the Keras example with glibc's defaults, this project
   with the mallopt calls train.py makes at start-up (`--allocator keep`);
-- **same allocator (environment):** both processes start with the same `MALLOC_*` environment variables
+- **same allocator (environment)** (`env`): both processes start with the same `MALLOC_*` environment variables
   (below) and neither calls mallopt: glibc reads them before the interpreter allocates anything, so the
   peers get identical allocators without running any of each other's code;
-- **same allocator (mallopt):** both call train.py's mallopt (`--allocator keep`): the earlier benchmark's
+- **same allocator (mallopt)** (`mallopt`): both call train.py's mallopt (`--allocator keep`): the earlier benchmark's
   "allocator fix", kept to show how it differs from the environment variables.
 """
 
@@ -48,6 +48,7 @@ class Peer:
 class Condition:
     """How both peers' allocators are set; the first peer is the Keras example, the ratios' reference."""
 
+    key: str  # its name on the command line (--conditions)
     name: str
     peers: tuple[Peer, ...]
 
@@ -55,10 +56,12 @@ class Condition:
 KERAS, OURS = "Keras example", "this project"
 CONDITIONS = (
     Condition(
+        "box",
         "out of the box",
         (Peer(KERAS, "keras"), Peer(OURS, "ours", ("--allocator", "keep"))),
     ),
     Condition(
+        "env",
         "same allocator (environment)",
         (
             Peer(KERAS, "keras", env=ENV_ALLOCATOR),
@@ -68,6 +71,7 @@ CONDITIONS = (
         ),
     ),
     Condition(
+        "mallopt",
         "same allocator (mallopt)",
         (Peer(KERAS, "keras", ("--allocator", "keep")), Peer(OURS, "ours", ("--allocator", "keep"))),
     ),
