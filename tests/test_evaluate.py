@@ -136,8 +136,7 @@ def test_the_eval_wandb_run_is_linked_to_the_training_run_and_holds_the_media(ev
         assert logged[f"{key}/_type"] == "image-file" and (files / logged[f"{key}/path"]).is_file()
     assert logged["mistakes/_type"] == "table-file" and logged["mistakes/nrows"] == 16
     assert logged["confusion_matrix_table/_type"] == "table-file"  # wandb.plot.confusion_matrix's data
-    charts = [v for v in run.config.values() if isinstance(v, dict) and "panel_config" in v]
-    assert [c["panel_config"]["panelDefId"] for c in charts] == ["wandb/confusion_matrix/v1"]
+    assert [chart["panelDefId"] for chart in run.charts.values()] == ["wandb/confusion_matrix/v1"]
     (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
     mistakes = next(entries for name, entries in artifact_files(run_file).items() if name.endswith("-mistakes"))
     images = [path for path in mistakes if path.endswith(".png")]
