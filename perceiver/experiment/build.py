@@ -72,12 +72,6 @@ def make_model(target: type, **fields: Any) -> torch.nn.Module:
     return target(**{name: value for name, value in fields.items() if name not in skipped})
 
 
-def build_model(node: DictConfig, num_classes: int) -> torch.nn.Module:
-    """The `model` group, as `make_model` builds it: fields a preset set for another model (experiment=cpu_smoke
-    sets Perceiver fields) are dropped with a warning, so presets and grids combine with `model=vit`."""
-    return build("model", OmegaConf.create(model_fields(node, num_classes)))
-
-
 def model_fields(node: DictConfig, num_classes: int) -> dict[str, Any]:
     """`_target_` and the resolved constructor arguments the model is built with (best.pt records them, so that
     the model can be rebuilt without Hydra): the group's fields less those of other models, and the data set's
