@@ -27,7 +27,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.settings import SETTINGS, Setting
 from perceiver.training.device import keep_freed_memory
 
-IMPLEMENTATIONS = ("ours", "straightforward", "keras", "perceiver-pytorch")
+# ours-unfolded: this project with the self-attention unfolded (model.fold_attention_weights=false), to show
+# what the fold buys.
+IMPLEMENTATIONS = ("ours", "ours-unfolded", "straightforward", "keras", "perceiver-pytorch")
 
 
 def device_for_bench() -> torch.device:
@@ -77,11 +79,12 @@ def make_torch_step(
 
 def build_step(impl: str, setting: Setting, precision: str, compile_model: bool) -> tuple[Callable[[], None], int]:
     torch.manual_seed(0)
-    if impl in ("ours", "straightforward"):
+    if impl in ("ours", "ours-unfolded", "straightforward"):
         from bench.straightforward import StraightforwardPerceiver
         from perceiver import Perceiver
 
-        model = (Perceiver if impl == "ours" else StraightforwardPerceiver)(**perceiver_kwargs(setting))
+        kwargs = {**perceiver_kwargs(setting), "fold_attention_weights": impl != "ours-unfolded"}
+        model = (StraightforwardPerceiver if impl == "straightforward" else Perceiver)(**kwargs)
         return make_torch_step(model, setting, precision, compile_model), sum(p.numel() for p in model.parameters())
     if precision != "fp32" or compile_model:
         raise SystemExit(f"--precision/--compile are options of this project's model, not of {impl}")

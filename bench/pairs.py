@@ -66,6 +66,7 @@ CONDITIONS = (
         (
             Peer(KERAS, "keras", env=ENV_ALLOCATOR),
             Peer(OURS, "ours", env=ENV_ALLOCATOR),
+            Peer("this project, self-attention unfolded", "ours-unfolded", env=ENV_ALLOCATOR),
             Peer("this project, bf16 autocast", "ours", ("--precision", "bf16"), ENV_ALLOCATOR),
             Peer("perceiver-pytorch", "perceiver-pytorch", env=ENV_ALLOCATOR),
         ),

@@ -284,10 +284,13 @@ def test_bad_arguments_raise_a_message_naming_the_field(override: dict, words: l
 )
 def test_optimised_model_equals_the_straightforward_one(variant: dict) -> None:
     """Cached keys/values, the fused key-value projection and the CPU attention/dropout path against the plain
-    port in bench/straightforward.py (same weights), with dropout off: outputs and every gradient."""
+    port in bench/straightforward.py (same weights), with dropout off: outputs and every gradient.
+
+    These reorder no arithmetic, hence the tight tolerance. The folded self-attention does reassociate it; it is
+    held to a float64 reference instead (tests/test_folding.py), so it is off here."""
     from bench.straightforward import StraightforwardPerceiver
 
-    config = {**TINY, **variant, "dropout_rate": 0.0, "attention_dropout_rate": 0.0}
+    config = {**TINY, **variant, "dropout_rate": 0.0, "attention_dropout_rate": 0.0, "fold_attention_weights": False}
     torch.manual_seed(0)
     ours = Perceiver(**config).train()
     plain = StraightforwardPerceiver(**config).train()
