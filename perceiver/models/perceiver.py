@@ -129,7 +129,7 @@ class SelfAttention(nn.Module):
 
     On the CPU, when it takes fewer FLOPs (`folding.saves_flops`: heads about as wide as the model, as in the
     example), the same function is computed through the products of the weights (`perceiver.models.folding`):
-    1.4x faster at the example's size on a 2-core CPU (docs/benchmarks.md). Elsewhere the heads run on
+    about 1.5x faster at the example's size on a 2-core CPU (docs/benchmarks.md). Elsewhere the heads run on
     `scaled_dot_product_attention`'s fused kernels, which never store the scores. `fold_weights=False` keeps the
     unfolded form everywhere.
     """
