@@ -83,11 +83,10 @@ def worst_relative_errors(fold: bool, reference: dict[str, torch.Tensor]) -> dic
 def forward_and_gradients(fold: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     config = dict(image_size=8, patch_size=2, num_classes=5, latent_dim=12, projection_dim=32, num_heads=4)
-    model = Perceiver(**config, num_iterations=3, dropout_rate=0.0, attention_dropout_rate=0.0)
+    model = Perceiver(
+        **config, num_iterations=3, dropout_rate=0.0, attention_dropout_rate=0.0, fold_attention_weights=fold
+    )
     model = model.to(dtype).train()
-    for module in model.modules():
-        if isinstance(module, SelfAttention):
-            module.fold_weights = fold
     images = torch.randn(4, 3, 8, 8).to(dtype)
     logits = model(images)
     logits.backward(torch.randn(logits.shape).to(dtype))

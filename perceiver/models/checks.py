@@ -12,6 +12,14 @@ def positive_integers(args: Mapping[str, object], names: Iterable[str]) -> None:
             raise ValueError(f"{name}={value!r} is invalid: it must be a positive integer")
 
 
+def booleans(args: Mapping[str, object], names: Iterable[str]) -> None:
+    """On/off switches: a YAML `yes` or a string "true" is refused rather than read as truthy."""
+    for name in names:
+        value = args[name]
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} is invalid: it must be true or false")
+
+
 def rates(args: Mapping[str, object], names: Iterable[str]) -> None:
     """Dropout-like probabilities in [0, 1)."""
     for name in names:

@@ -409,6 +409,7 @@ def check_arguments(**args: object) -> None:
     )
     checks.positive_integers(args, positive)
     checks.rates(args, ("dropout_rate", "attention_dropout_rate"))
+    checks.booleans(args, ("fold_attention_weights",))
     checks.patches_tile(args["image_size"], args["patch_size"])
     heads, width = args["cross_attention_heads"], args["projection_dim"]
     checks.heads_divide("cross_attention_heads", heads, "projection_dim", width, "the cross-attention")
@@ -424,10 +425,6 @@ def check_arguments(**args: object) -> None:
     if not isinstance(std, int | float) or std <= 0:
         raise ValueError(f"latent_init_std={std!r} is invalid: it must be a positive number")
     check_permutation_arguments(args["permute_inputs"], args["permutation_seed"])
-    if not isinstance(args["fold_attention_weights"], bool):
-        raise ValueError(
-            f"fold_attention_weights={args['fold_attention_weights']!r} is invalid: it must be true or false"
-        )
 
 
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:

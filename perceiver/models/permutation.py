@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from perceiver.models import checks
+
 
 class FixedPermutation(nn.Module):
     """Reorders `length` positions of a tensor along one axis by a permutation fixed by `seed`."""
@@ -44,8 +46,7 @@ class FixedPermutation(nn.Module):
 
 def check_permutation_arguments(permute_inputs: object, permutation_seed: object) -> None:
     """Reject non-boolean switches and seeds a `torch.Generator` cannot take, naming the argument."""
-    if not isinstance(permute_inputs, bool):
-        raise ValueError(f"permute_inputs={permute_inputs!r} is invalid: it must be true or false")
+    checks.booleans({"permute_inputs": permute_inputs}, ("permute_inputs",))
     seed = permutation_seed
     if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
         raise ValueError(f"permutation_seed={seed!r} is invalid: it must be an integer that fits in 64 bits")
