@@ -88,8 +88,9 @@ def instrument(stages: Stages) -> None:
 def report(stages: Stages, total: float, command: str) -> str:
     rows = {**stages.seconds, "the rest (Run set-up, config checks, ...)": total - sum(stages.seconds.values())}
     lines = [f"command: `{command}`", "", "| stage | seconds | share |", "|---|---|---|"]
-    lines += [f"| {name} | {seconds:.2f} | {100 * seconds / total:.0f}% |" for name, seconds in rows.items()]
-    lines.append(f"| **until the first training step** | **{total:.2f}** | 100% |")
+    # milliseconds: rows rounded to 0.01 s could miss their total by 0.005 s each (tests/test_startup.py adds them up)
+    lines += [f"| {name} | {seconds:.3f} | {100 * seconds / total:.0f}% |" for name, seconds in rows.items()]
+    lines.append(f"| **until the first training step** | **{total:.3f}** | 100% |")
     return "\n".join(lines)
 
 
