@@ -41,3 +41,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     cli.run_hydra_app(main)
+    cli.exit_without_teardown()

@@ -152,3 +152,37 @@ def test_a_model_without_attention_maps_is_named() -> None:
     vit = ViT(image_size=16, patch_size=4, num_classes=5, embed_dim=16, depth=1, num_heads=2)
     with pytest.raises(TypeError, match="ViT has no attention_maps"):
         attention_panels(vit, make_augment(), make_images())
+
+
+def test_the_drawn_png_holds_each_panel_blended_as_specified(tmp_path: Path) -> None:
+    """Pixels of the PNG against a hand computation: the image panel is the image; a map panel is the grey image
+    under inferno with opacity 0.35 + 0.65 x (weight / the map's maximum)."""
+    from matplotlib import colormaps
+
+    from perceiver.experiment.figures import AttentionPanels, MosaicLayout, draw_panels
+
+    side = 8
+    image = np.zeros((1, side, side, 3))
+    image[..., 0] = 1.0  # pure red: grey level 1/3
+    heat = np.zeros((1, 2, side, side))
+    heat[0, 0, :4] = 2.0  # top half hot (the map's maximum), bottom half cold
+    heat[0, 1] = 1.0  # the mean panel: flat, so all at its maximum
+    panels = AttentionPanels(image, [0], [np.array([[5]])], [heat], np.array([[0.1, 0.9]]))
+    path = draw_panels(panels, tmp_path / "figure.png", labels=[1], class_names=["cat", "dog"], title="t")
+    with Image.open(path) as png:
+        pixels = np.asarray(png.convert("RGB")).astype(float) / 255
+    layout = MosaicLayout(side * round(128 / side), [1, 2], 1, True)
+    assert pixels.shape[:2] == layout.size[::-1]
+
+    def centre_of(group: int, column: int, row_offset: float) -> np.ndarray:
+        left, top = layout.panel_box(0, group, column)
+        return pixels[int(top + row_offset * layout.panel), left + layout.panel // 2]
+
+    grey = np.full(3, 1 / 3)
+    hot = np.array(colormaps["inferno"](1.0)[:3])
+    cold = 0.35 * np.array(colormaps["inferno"](0.0)[:3]) + 0.65 * grey
+    tolerance = 1.5 / 255  # one grey level of rounding
+    np.testing.assert_allclose(centre_of(0, 0, 0.5), [1, 0, 0], atol=tolerance)
+    np.testing.assert_allclose(centre_of(1, 0, 0.25), hot, atol=tolerance)
+    np.testing.assert_allclose(centre_of(1, 0, 0.75), cold, atol=tolerance)
+    np.testing.assert_allclose(centre_of(1, 1, 0.75), hot, atol=tolerance)

@@ -97,3 +97,21 @@ def test_attention_with_dropout_drops_attention_weights(scale: float) -> None:
     theirs = torch.autograd.grad(expected, inputs, upstream)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("p", [0.99999, 1 - 2**-16, 1 - 2**-18])
+def test_a_rate_near_one_drops_nearly_everything(p: float) -> None:
+    """The 16-bit threshold must not wrap around int16 for rates near 1 (it would then keep everything)."""
+    torch.manual_seed(6)
+    kept = (ops.dropout(torch.ones(200_000), p, training=True) != 0).double().mean().item()
+    assert kept < 1e-3
+
+
+def test_the_keep_threshold_is_the_rate_rounded_to_16_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every int16 value once as the generator's output: the mask keeps exactly 2^16 - round(p 2^16) of them."""
+    every_value = torch.arange(-(2**15), 2**15).to(torch.int16).view(torch.int64)  # as the 64-bit words it reads
+    monkeypatch.setattr(torch.Tensor, "random_", lambda self, *args: self.copy_(every_value))
+    for p in (0.1, 0.2, 0.5, 1e-6):
+        mask = ops.keep_mask(torch.Size([2**16]), p, torch.float64, torch.device("cpu"))
+        assert int((mask > 0).sum()) == 2**16 - round(p * 2**16)
+        assert abs(round(p * 2**16) / 2**16 - p) <= 2**-17

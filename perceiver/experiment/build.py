@@ -21,7 +21,7 @@ from perceiver.experiment.config import ConfigError, check_run_settings, train_s
 from perceiver.experiment.tracking import resolve_mode
 from perceiver.models import Perceiver, ViT
 from perceiver.training import TrainingParts, TrainSettings, distributed
-from perceiver.training.device import matmul_peak, resolve_device
+from perceiver.training.device import PeakCache, matmul_peak, peak_signature, resolve_device
 from perceiver.training.metrics import training_flops
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 MODELS = (Perceiver, ViT)  # a preset's fields for one of these are skipped, with a warning, by the others
 # (device, dtype) -> FLOP/s: timed once per process, so the jobs of a sweep run in one process share the ~1 s
 _matmul_peaks: dict[tuple[str, torch.dtype], float] = {}
+PEAK_CACHE_FILE = "matmul_peak.json"  # below paths.cache_dir: the jobs and runs of other processes share it too
 
 
 def describe(group: str, error: BaseException) -> str:
@@ -178,10 +179,12 @@ def make_loaders(
     return train_loader, val_loader, test_loader
 
 
-def with_measured_peak(settings: TrainSettings, model: torch.nn.Module, device: torch.device) -> TrainSettings:
+def with_measured_peak(
+    settings: TrainSettings, model: torch.nn.Module, device: torch.device, cache_dir: str | Path | None = None
+) -> TrainSettings:
     """`trainer.peak_tflops=auto` measured: the device's matmul peak in the run's precision, the reference of
-    perf/mfu, timed once per process. A model without a FLOP count has no utilisation figures, so nothing is
-    measured for it."""
+    perf/mfu, timed once per process and, with a `cache_dir`, once per machine. A model without a FLOP count has
+    no utilisation figures, so nothing is measured for it."""
     try:
         per_image = training_flops(model, settings.batch_size) / settings.batch_size
     except TypeError as error:
@@ -191,8 +194,23 @@ def with_measured_peak(settings: TrainSettings, model: torch.nn.Module, device: 
     if settings.peak_tflops != "auto":
         return settings
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision, torch.float32)
-    if (str(device), dtype) not in _matmul_peaks:
-        _matmul_peaks[str(device), dtype] = matmul_peak(device, dtype)
-    peak = _matmul_peaks[str(device), dtype] / 1e12
-    log.info("%s matmul peak of %s: %.2f TFLOP/s (the reference of perf/mfu)", dtype, device, peak)
-    return replace(settings, peak_tflops=peak)
+    peak, source = device_peak(device, dtype, cache_dir)
+    log.info("%s matmul peak of %s: %.2f TFLOP/s (the reference of perf/mfu; %s)", dtype, device, peak / 1e12, source)
+    return replace(settings, peak_tflops=peak / 1e12)
+
+
+def device_peak(device: torch.device, dtype: torch.dtype, cache_dir: str | Path | None) -> tuple[float, str]:
+    """(FLOP/s, where it came from): this process's timing, else the machine's cache, else timed now (~1 s)."""
+    key = (str(device), dtype)
+    if key in _matmul_peaks:
+        return _matmul_peaks[key], "timed earlier in this process"
+    cache = PeakCache(Path(cache_dir) / PEAK_CACHE_FILE) if cache_dir else None
+    signature = peak_signature(device, dtype)
+    peak = cache.get(signature) if cache is not None else None
+    source = f"timed before, read from {cache.path}" if peak is not None else "timed now"
+    if peak is None:
+        peak = matmul_peak(device, dtype)
+        if cache is not None:
+            cache.put(signature, peak)
+    _matmul_peaks[key] = peak
+    return peak, source

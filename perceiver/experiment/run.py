@@ -167,7 +167,7 @@ def prepare(cfg: DictConfig, context: distributed.Context) -> Parts:
     if context.rank:  # same initial weights everywhere (DDP broadcasts rank 0's); own dropout and augmentation
         torch.manual_seed(cfg.seed + context.rank)
     configure_determinism(parts.settings.deterministic)
-    parts.settings = with_measured_peak(parts.settings, parts.model, parts.device)
+    parts.settings = with_measured_peak(parts.settings, parts.model, parts.device, cfg.paths.get("cache_dir"))
     return parts
 
 

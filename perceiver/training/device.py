@@ -13,11 +13,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
+import platform
 import time
+from pathlib import Path
 
 import torch
+
+from perceiver.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,54 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, second
         sync()
         best = max(best, 2 * size**3 / (time.perf_counter() - began))
     return best
+
+
+def processor_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model as the OS reports it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def peak_signature(device: torch.device, dtype: torch.dtype) -> str:
+    """What a measured matmul peak depends on: the host, its processor, torch's version and threads, the dtype."""
+    software = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{platform.node()} | {device} {processor_name(device)} | {software} | {dtype}"
+
+
+class PeakCache:
+    """Measured matmul peaks kept in a JSON file, so that a run's ~1 s timing is paid once per machine and not by
+    every process (a sweep's jobs under the joblib or SLURM launchers, every later run). An unreadable file is
+    measured anew and rewritten; a folder that cannot be written only means no caching."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+
+    def entries(self) -> dict[str, dict]:
+        try:
+            entries = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as error:
+            log.warning("%s is unreadable (%s); the matmul peak is timed again", self.path, error)
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    def get(self, signature: str) -> float | None:
+        entry = self.entries().get(signature)
+        flops = entry.get("flops") if isinstance(entry, dict) else None
+        return float(flops) if isinstance(flops, int | float) and flops > 0 else None
+
+    def put(self, signature: str, flops: float) -> None:
+        entries = self.entries() | {signature: {"flops": flops, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}}
+        try:
+            write_text_atomic(self.path, json.dumps(entries, indent=2))
+        except OSError as error:
+            log.debug("the matmul peak is not cached in %s (%s)", self.path, error)
 
 
 def resolve_device(name: str) -> torch.device:
