@@ -1,6 +1,6 @@
 """Real data, whole processes: scikit-learn's digits as an image folder, `python train.py` against the Keras example.
 
-    python -m bench digits [--pairs 3] [--out DIR] [--epochs 15]
+    python -m bench digits [--pairs 5] [--out DIR] [--epochs 15]
 
 1. Builds the folder itself: the 1,797 8x8 digits of `sklearn.datasets.load_digits` (16 grey levels), scaled to
    0-255 and upscaled to 32x32 PNGs in `train/<digit>/` and `test/<digit>/` (a seeded 20% held out).
@@ -154,7 +154,7 @@ def table(rows: list[dict[str, float | None]]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench digits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/digits"), help="folders, runs and cache")
-    parser.add_argument("--pairs", type=int, default=3, help="interleaved (ours, Keras) pairs of processes")
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved (ours, Keras) pairs of processes")
     parser.add_argument("--epochs", type=int, default=15)
     args = parser.parse_args(argv)
     work = args.out.resolve()

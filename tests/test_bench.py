@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from bench import pairs
-from bench.__main__ import scaling_table, throughput_table
 from bench.gpu import sdpa_backends
 from bench.measure import perceiver_kwargs
 from bench.settings import SETTINGS
+from bench.suite import scaling_table, throughput_table
 from perceiver import Perceiver
 from perceiver.training.metrics import training_flops
 from tests.conftest import REPO

@@ -79,7 +79,8 @@ class CacheDir:
         _unwritable.add(str(self.path))
         log.warning(
             "data cache %s cannot be written (%s): training goes on without caching; the data is prepared "
-            "again next run. Point paths.data_root (or PERCEIVER_DATA_ROOT) at a writable folder to cache it",
+            "again next run. Point paths.cache_dir (by default below paths.data_root or PERCEIVER_DATA_ROOT) at a "
+            "writable folder to cache it",
             self.path,
             error.strerror or error,
         )

@@ -139,9 +139,9 @@ def build_parts(cfg: DictConfig) -> Parts:
 
 def load_data(cfg: DictConfig, parts: Parts) -> Splits:
     """Load, split and measure the data; the first step that can take long (a download)."""
-    cache_dir = Path(cfg.paths.data_root).expanduser() / ".cache"
+    cache_dir = cfg.paths.get("cache_dir", str(Path(cfg.paths.data_root) / ".cache"))  # older run configs lack it
     try:
-        splits = prepare_splits(parts.source, cfg.data.val_fraction, cfg.seed, cache_dir)
+        splits = prepare_splits(parts.source, cfg.data.val_fraction, cfg.seed, Path(cache_dir) if cache_dir else None)
     except (DataError, ValueError) as error:
         raise ConfigError(str(error)) from error
     sizes = (len(splits.train), len(splits.val), len(splits.test), splits.num_classes)

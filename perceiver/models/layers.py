@@ -29,28 +29,13 @@ def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.dev
     return mask.mul_(1.0 / (1.0 - p))
 
 
-class _ScaledMask(torch.autograd.Function):
-    """y = x * mask; the gradient is the same product, so only the mask is kept for backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
-        mask = keep_mask(x.shape, p, x.dtype, x.device)
-        ctx.save_for_backward(mask)
-        return x * mask
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
-
-
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """`F.dropout` with the same distribution; cheaper masks on the CPU."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p > MAX_MASKED_P:
         return F.dropout(x, p, training=True)
-    return _ScaledMask.apply(x, p)
+    return x * keep_mask(x.shape, p, x.dtype, x.device)  # autograd keeps only the mask: the gradient is grad * mask
 
 
 class Dropout(torch.nn.Dropout):
