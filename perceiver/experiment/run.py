@@ -32,7 +32,12 @@ from perceiver.experiment.tracking import NullTracker
 from perceiver.files import write_text_atomic
 from perceiver.training import FitResult, RunRecord, TrainingInterrupted, TrainState, distributed, evaluate, fit
 from perceiver.training.checkpoint import locate
-from perceiver.training.device import configure_determinism, keep_freed_memory, resolve_device
+from perceiver.training.device import (
+    configure_determinism,
+    keep_freed_memory,
+    objects_so_far_frozen,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +242,10 @@ class Run:
             loaders = (train_loader, val_loader)
             shown = self.dashboards(splits.val, tracker)
             callbacks = shown.callbacks() if shown is not None else []
-            result = fit(parts.training(), *loaders, parts.settings, self.run_dir, resume, tracker, record, callbacks)
+            with objects_so_far_frozen():  # the start-up's objects are not walked by every full GC pass
+                result = fit(
+                    parts.training(), *loaders, parts.settings, self.run_dir, resume, tracker, record, callbacks
+                )
             if shown is not None:
                 shown.at_end(parts.model, result.global_step, result.best_epoch)
             test = evaluate(

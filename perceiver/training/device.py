@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import json
 import logging
 import os
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -66,6 +68,21 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, second
         sync()
         best = max(best, 2 * size**3 / (time.perf_counter() - began))
     return best
+
+
+@contextlib.contextmanager
+def objects_so_far_frozen() -> Iterator[None]:
+    """Collect garbage while the block runs, but keep the objects that exist now (modules, the model, the config:
+    some 400,000 long-lived ones) out of the collector's full passes; afterwards they are ordinary objects again.
+
+    A full pass walks every tracked object: about 0.1 s here, repeated while the start-up creates them and again
+    during training (docs/benchmarks.md). `train.py` turns the collector off for its start-up; this turns it on."""
+    gc.freeze()
+    gc.enable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def processor_name(device: torch.device) -> str:
