@@ -128,3 +128,24 @@ def test_exit_without_teardown_runs_the_atexit_handlers_and_flushes(tmp_path: Pa
         assert "thread finished" in done.stdout and "atexit handler ran" in done.stdout
     else:
         assert done.returncode == 3 and done.stdout == "bufferedatexit handler ran\n", done.stderr
+
+
+def test_objects_made_before_training_are_frozen_while_it_runs_and_the_collector_is_on() -> None:
+    import gc
+
+    from perceiver.training.device import objects_so_far_frozen
+
+    was_enabled = gc.isenabled()
+    gc.disable()  # as train.py leaves it after its start-up
+    try:
+        with objects_so_far_frozen():
+            assert gc.isenabled() and gc.get_freeze_count() > 10_000  # this test process's modules, at least
+        assert gc.get_freeze_count() == 0 and gc.isenabled()  # ordinary objects again, collected from now on
+    finally:
+        gc.enable() if was_enabled else gc.disable()
+
+
+def test_train_py_starts_with_the_garbage_collector_off() -> None:
+    code = "import gc, train; print(gc.isenabled())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
