@@ -57,3 +57,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     cli.run_hydra_app(main)
+    cli.exit_without_teardown()
