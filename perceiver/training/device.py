@@ -109,8 +109,15 @@ class PeakCache:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
+        self._entries: dict[str, dict] | None = None
 
     def entries(self) -> dict[str, dict]:
+        """The file's entries, read once (an unreadable file warns once and counts as empty)."""
+        if self._entries is None:
+            self._entries = self._read()
+        return self._entries
+
+    def _read(self) -> dict[str, dict]:
         try:
             entries = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -126,9 +133,9 @@ class PeakCache:
         return float(flops) if isinstance(flops, int | float) and flops > 0 else None
 
     def put(self, signature: str, flops: float) -> None:
-        entries = self.entries() | {signature: {"flops": flops, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}}
+        self._entries = self.entries() | {signature: {"flops": flops, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}}
         try:
-            write_text_atomic(self.path, json.dumps(entries, indent=2))
+            write_text_atomic(self.path, json.dumps(self._entries, indent=2))
         except OSError as error:
             log.debug("the matmul peak is not cached in %s (%s)", self.path, error)
 
