@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import shlex
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import torch
 
 from bench import pairs, pipeline, scaling
 from bench.settings import SETTINGS
-from perceiver.training.device import keep_freed_memory, matmul_peak
+from perceiver.training.device import keep_freed_memory, matmul_peak, processor_name
 
 # (implementation, allocator, precision, compile, label); the first row of a setting is the ratios' baseline.
 RUNS = (
@@ -121,12 +120,7 @@ def scaling_table(rows: list[dict]) -> str:
 
 
 def machine() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
-    except OSError:
-        pass
+    cpu = processor_name(torch.device("cpu"))
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__}
 

@@ -137,11 +137,17 @@ def build_parts(cfg: DictConfig) -> Parts:
     return Parts(settings, device, source, model, augment, optimizer, scheduler, num_classes, model_config)
 
 
+def shared_cache_dir(cfg: DictConfig) -> Path | None:
+    """`paths.cache_dir`, where runs on this machine share what they derived; configs saved before it existed
+    (a resumed run's) get its default, `<data root>/.cache`."""
+    folder = cfg.paths.get("cache_dir", str(Path(cfg.paths.data_root) / ".cache"))
+    return Path(folder) if folder else None
+
+
 def load_data(cfg: DictConfig, parts: Parts) -> Splits:
     """Load, split and measure the data; the first step that can take long (a download)."""
-    cache_dir = cfg.paths.get("cache_dir", str(Path(cfg.paths.data_root) / ".cache"))  # older run configs lack it
     try:
-        splits = prepare_splits(parts.source, cfg.data.val_fraction, cfg.seed, Path(cache_dir) if cache_dir else None)
+        splits = prepare_splits(parts.source, cfg.data.val_fraction, cfg.seed, shared_cache_dir(cfg))
     except (DataError, ValueError) as error:
         raise ConfigError(str(error)) from error
     sizes = (len(splits.train), len(splits.val), len(splits.test), splits.num_classes)

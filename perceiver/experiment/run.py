@@ -23,7 +23,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from perceiver.experiment.build import Parts, build, build_parts, load_data, make_loaders, with_measured_peak
+from perceiver.experiment.build import (
+    Parts,
+    build,
+    build_parts,
+    load_data,
+    make_loaders,
+    shared_cache_dir,
+    with_measured_peak,
+)
 from perceiver.experiment.config import ConfigError, check_run_settings
 from perceiver.experiment.dashboards import RunDashboards
 from perceiver.experiment.resume import carried_overrides, resumed_config
@@ -172,7 +180,7 @@ def prepare(cfg: DictConfig, context: distributed.Context) -> Parts:
     if context.rank:  # same initial weights everywhere (DDP broadcasts rank 0's); own dropout and augmentation
         torch.manual_seed(cfg.seed + context.rank)
     configure_determinism(parts.settings.deterministic)
-    parts.settings = with_measured_peak(parts.settings, parts.model, parts.device, cfg.paths.get("cache_dir"))
+    parts.settings = with_measured_peak(parts.settings, parts.model, parts.device, shared_cache_dir(cfg))
     return parts
 
 
