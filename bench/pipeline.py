@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,9 +25,7 @@ from bench.measure import make_torch_step, perceiver_kwargs, time_steps
 from bench.settings import Setting
 from perceiver.data import ArrayDataset, DeviceBatches
 from perceiver.data.augment import BatchAugment
-from perceiver.training import TrainSettings
-from perceiver.training.loop import TrainStep, train_one_epoch
-from perceiver.training.metrics import RunningMetrics
+from perceiver.training import TrainingParts, TrainSettings, fit
 
 MEAN, STD = [129.3, 124.1, 112.4], [68.2, 65.4, 70.4]  # CIFAR-100's, in 0-255 units
 
@@ -135,8 +135,9 @@ def dataloader_rate(data: ArrayDataset, image_size: int, batch_size: int, worker
 
 
 def epoch_against_steps(setting: Setting, images: int, seconds: float = 10.0) -> dict[str, float]:
-    """One training epoch through perceiver.training.loop (device batches, augmentation, metrics, the non-finite
-    check) against the same model's isolated step on a fixed batch, times the epoch's steps."""
+    """One training epoch of `fit` (device batches, augmentation, metrics, the non-finite check; its epoch_seconds,
+    which leave out the validation, here of nothing) against the same model's isolated step on a fixed batch, times
+    the epoch's steps."""
     from perceiver import Perceiver
 
     torch.manual_seed(0)
@@ -146,13 +147,12 @@ def epoch_against_steps(setting: Setting, images: int, seconds: float = 10.0) ->
     augment.set_statistics(MEAN, STD)
     batches = DeviceBatches(random_cifar(images, seed=1), setting.batch_size, torch.device("cpu"), shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7, fused=True)
-    settings = TrainSettings(batch_size=setting.batch_size, device="cpu", progress_bar=False)
-    metrics = RunningMetrics(torch.device("cpu"), setting.num_classes)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    start = time.perf_counter()
-    train_one_epoch(TrainStep(model, augment, optimizer, scaler, settings, torch.device("cpu")), batches, metrics)
-    metrics.compute()  # the epoch's one read of the device-side sums
-    epoch_seconds = time.perf_counter() - start
+    settings = TrainSettings(
+        epochs=1, batch_size=setting.batch_size, device="cpu", progress_bar=False, save_checkpoints=False
+    )
+    parts = TrainingParts(model, augment, optimizer, None, setting.num_classes)
+    with tempfile.TemporaryDirectory() as run_dir:
+        epoch_seconds = fit(parts, batches, [], settings, Path(run_dir)).train_seconds
     return {
         "setting": setting.name,
         "steps": len(batches),

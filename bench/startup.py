@@ -71,7 +71,7 @@ def instrument(stages: Stages) -> None:
     build.build = stages.timed(lambda group, *_: f"build_parts: {group}", build.build)
     for name in ("build_parts", "with_measured_peak", "load_data", "make_loaders"):
         setattr(run, name, stages.timed(name, getattr(run, name)))
-    run.Run.start_tracker = stages.timed("W&B start (logger)", run.Run.start_tracker)
+    run.start_tracker = stages.timed("W&B start (logger)", run.start_tracker)
     fit = run.fit
 
     def fit_until_first_step(parts, *args, **kwargs):
@@ -88,7 +88,7 @@ def instrument(stages: Stages) -> None:
 def report(stages: Stages, total: float, command: str) -> str:
     rows = {**stages.seconds, "the rest (Run set-up, config checks, ...)": total - sum(stages.seconds.values())}
     lines = [f"command: `{command}`", "", "| stage | seconds | share |", "|---|---|---|"]
-    # milliseconds: rows rounded to 0.01 s could miss their total by 0.005 s each (tests/test_startup.py adds them up)
+    # milliseconds: rows rounded to 0.01 s could miss their total by 0.005 s each (tests/e2e/test_startup.py sums them)
     lines += [f"| {name} | {seconds:.3f} | {100 * seconds / total:.0f}% |" for name, seconds in rows.items()]
     lines.append(f"| **until the first training step** | **{total:.3f}** | 100% |")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PACKAGE = REPO / "perceiver"
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
@@ -119,10 +119,57 @@ def functions(path: Path) -> list[tuple[str, int]]:
     ]
 
 
+# The training loop is one function on purpose: both loops and the whole step read top to bottom in one sitting
+# (nanoGPT's train.py, airbench). It has its own, larger budget; every other function keeps the 80 lines.
+LONGER = {"perceiver.training.loop.fit": 150}
+
+
 def test_no_function_in_the_package_is_longer_than_80_lines() -> None:
     lengths = [item for path in package_modules().values() for item in functions(path)]
     assert len(lengths) > 100
-    assert [(name, n) for name, n in lengths if n > 80] == []
+    assert [(name, n) for name, n in lengths if n > LONGER.get(name, 80)] == []
+    assert all(name in dict(lengths) for name in LONGER)  # the exceptions name real functions
+
+
+def classes(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text())
+    return [
+        (f"{module_name(path)}.{node.name}", node.end_lineno - node.lineno + 1)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+    ]
+
+
+def test_no_class_in_the_package_is_longer_than_150_lines() -> None:
+    """Length is not to be met by moving it into a class: classes are measured too."""
+    sizes = [item for path in package_modules().values() for item in classes(path)]
+    assert len(sizes) > 20 and max(n for _, n in sizes) > 50  # the check sees real classes
+    assert [(name, n) for name, n in sizes if n > 150] == []
+
+
+def modules_of_tests(root: Path = REPO / "tests") -> list[Path]:
+    return sorted(path for path in root.rglob("*.py") if "helpers" not in path.relative_to(root).parts)
+
+
+def imported_test_modules(path: Path) -> list[str]:
+    """The modules of tests/ that `path` imports, other than tests/helpers (what tests share lives there)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names += [node.module] if node.module != "tests" else [f"tests.{a.name}" for a in node.names]
+    return [name for name in names if name.startswith("tests.") and not name.startswith("tests.helpers")]
+
+
+def test_no_test_module_imports_another(tmp_path: Path) -> None:
+    assert len(modules_of_tests()) > 20
+    assert {str(path.relative_to(REPO)): imported_test_modules(path) for path in modules_of_tests()} == {
+        str(path.relative_to(REPO)): [] for path in modules_of_tests()
+    }
+    offender = tmp_path / "test_offender.py"  # the check can fail
+    offender.write_text("from tests.training.test_loop import tiny\nfrom tests import conftest\n")
+    assert imported_test_modules(offender) == ["tests.training.test_loop", "tests.conftest"]
 
 
 @pytest.mark.parametrize("script", ["train.py", "sweep.py", "evaluate.py", "export.py"])

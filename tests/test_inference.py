@@ -5,7 +5,6 @@ round-trip it, and every unusable path or file is refused with a message that sa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from perceiver.data import SyntheticSource, split_indices
 from perceiver.inference import Classifier, check_export, export, load_run
 from perceiver.models import Perceiver
 from perceiver.training import CheckpointError
-from tests.helpers.runs import isolated, train_run
+from tests.helpers import isolated
+from tests.helpers.runs import train_run
 
 SIDE = 32  # the synthetic data's side (data.source.image_size); the model sees 16 (cpu_smoke's model.image_size)
 
@@ -294,19 +294,3 @@ def test_a_model_file_written_by_a_bare_fit_names_what_it_lacks(tmp_path: Path) 
     assert best["mean"] == [100.0] * 3 and best["std"] == [60.0] * 3 and best["image_size"] == 8
     with pytest.raises(CheckpointError, match="lacks model_config, classes: it was written by `fit` without"):
         load_run(tmp_path)
-
-
-def test_image_files_and_unreadable_ones(tmp_path: Path) -> None:
-    from perceiver.inference import image_files, unreadable_images
-
-    for name in ("a.png", "b.jpg", "sub/c.png"):
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        Image.new("RGB", (4, 4)).save(tmp_path / name)
-    (tmp_path / "notes.txt").write_text("not an image")
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    assert [p.name for p in image_files(tmp_path)] == ["a.png", "b.jpg", "broken.png", "c.png"]
-    assert [p.name for p in image_files(tmp_path / "*.png")] == ["a.png", "broken.png"]
-    assert [p.name for p in image_files(os.path.join(tmp_path, "**", "*.png"))] == ["a.png", "broken.png", "c.png"]
-    bad = unreadable_images(image_files(tmp_path))
-    assert len(bad) == 1 and bad[0].startswith(str(tmp_path / "broken.png")) and "cannot identify" in bad[0]
-    assert image_files(tmp_path / "nothing-*.png") == []

@@ -1,7 +1,7 @@
 """Data: sources -> uint8 tensors or lazy data sets, the seeded splits and statistics, loaders, and the
 batched augmentation that turns uint8 batches into model inputs on the training device."""
 
-from perceiver.data.augment import BatchAugment
+from perceiver.data.augment import BatchAugment, Preprocess
 from perceiver.data.dataset import ArrayDataset, DataError, split_indices
 from perceiver.data.folders import decode_transform, open_rgb
 from perceiver.data.loaders import DeviceBatches, EpochSampler, Shard, make_loader
@@ -17,6 +17,7 @@ __all__ = [
     "DeviceBatches",
     "EpochSampler",
     "ImageFolderSource",
+    "Preprocess",
     "Shard",
     "Splits",
     "SyntheticSource",

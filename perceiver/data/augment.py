@@ -45,6 +45,31 @@ def random_zoom(images: torch.Tensor, factor: float) -> torch.Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+class Preprocess(nn.Module):
+    """What every input of a trained model goes through, in training's evaluation and after it: uint8 (B, C, S, S)
+    normalised with the training split's per-channel statistics (0-255 units), then resized to the model's side
+    (the Keras example's inference path). Training's augmentation (`BatchAugment`) starts with it."""
+
+    def __init__(self, image_size: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__()
+        self.image_size = image_size
+        self.register_buffer("mean", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.ones(1, 3, 1, 1), persistent=False)
+        if mean is not None and std is not None:
+            self.set_statistics(mean, std)
+
+    def set_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        channels = len(mean)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.mean.device).view(1, channels, 1, 1)
+        self.std = (
+            torch.tensor(std, dtype=torch.float32, device=self.std.device).view(1, channels, 1, 1).clamp_min(1e-3)
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        return resize(x, self.image_size)
+
+
 class BatchAugment(nn.Module):
     """uint8 batches -> normalised float batches at the model's `image_size`, plus training targets.
 
@@ -89,8 +114,7 @@ class BatchAugment(nn.Module):
             self.device_randaugment = DeviceRandAugment(randaugment)
         elif randaugment:
             timm_policy(randaugment)  # a bad config string fails here, not in a DataLoader worker
-        self.register_buffer("mean", torch.zeros(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.ones(1, 3, 1, 1), persistent=False)
+        self.preprocess = Preprocess(image_size)  # what evaluation sees: normalise, then resize
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             from timm.data import Mixup
@@ -111,11 +135,7 @@ class BatchAugment(nn.Module):
         return self.mixup is not None
 
     def set_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        channels = len(mean)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.mean.device).view(1, channels, 1, 1)
-        self.std = (
-            torch.tensor(std, dtype=torch.float32, device=self.std.device).view(1, channels, 1, 1).clamp_min(1e-3)
-        )
+        self.preprocess.set_statistics(mean, std)
 
     def sample_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Per-image transform for DataLoader workers (timm's RandAugment, `randaugment_backend=timm`), or None:
@@ -127,11 +147,6 @@ class BatchAugment(nn.Module):
 
         transform = rand_augment_transform(self.randaugment, dict(HPARAMS))
         return lambda image: pil_to_tensor(transform(to_pil_image(image)))
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """What evaluation sees: normalise, then resize (the example's inference path)."""
-        x = (images.float() - self.mean) / self.std
-        return resize(x, self.image_size)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training path: RandAugment (device backend, on the uint8 images), preprocess, random flip and zoom, then

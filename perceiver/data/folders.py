@@ -39,7 +39,7 @@ SCAN_VERSION = 1
 IMAGES_VERSION = 1
 THREADS = 8  # file reads and PIL decoding release the GIL: threads overlap them
 # torchvision.datasets.folder.IMG_EXTENSIONS (ImageFolder's), kept here so that a warm start need not import
-# torchvision (seconds); tests/test_folder_cache.py checks that the two agree
+# torchvision (seconds); tests/data/test_folder_cache.py checks that the two agree
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 

@@ -8,7 +8,7 @@ probability, at a magnitude drawn from N(m, mstd) clipped to [0, 10] (or `mmax`)
 argument by timm's formulas (sign flipped with probability 1/2 for the symmetric ones).
 
 Each operation is written for a batch with one argument per image and checked against torchvision's
-`transforms.v2.functional` on single images (tests/test_randaugment.py). Two differences from timm's PIL path:
+`transforms.v2.functional` on single images (tests/data/test_randaugment.py). Two differences from timm's PIL path:
 geometric operations interpolate bilinearly (timm picks bilinear or bicubic at random), and colour operations
 follow torchvision's uint8 arithmetic (PIL's ImageEnhance rounds slightly differently).
 

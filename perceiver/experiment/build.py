@@ -5,34 +5,35 @@ from __future__ import annotations
 
 import inspect
 import logging
+import random
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from perceiver.data import BatchAugment, DataError, DataSource, Shard, Splits, make_loader, prepare_splits
+from perceiver.data import DataError, DataSource, Shard, Splits, make_loader, prepare_splits
 from perceiver.experiment.config import ConfigError, check_run_settings, train_settings
 from perceiver.experiment.tracking import resolve_mode
-from perceiver.models import Perceiver, ViT
+from perceiver.models.registry import registered_models
 from perceiver.training import TrainingParts, TrainSettings, distributed
 from perceiver.training.device import PeakCache, matmul_peak, peak_signature, resolve_device
 from perceiver.training.metrics import training_flops
 
 log = logging.getLogger(__name__)
 
-MODELS = (Perceiver, ViT)  # a preset's fields for one of these are skipped, with a warning, by the others
 # (device, dtype) -> FLOP/s: timed once per process, so the jobs of a sweep run in one process share the ~1 s
 _matmul_peaks: dict[tuple[str, torch.dtype], float] = {}
 PEAK_CACHE_FILE = "matmul_peak.json"  # below paths.cache_dir: the jobs and runs of other processes share it too
 
 
-def describe(group: str, error: BaseException) -> str:
+def with_group(group: str, error: BaseException) -> str:
     """Prefix an error with its config group: `model.image_size=63 ...` or `optimizer: Invalid lr`."""
     message = str(error)
     if message.startswith(f"{group}.") or isinstance(error, DataError):
@@ -48,29 +49,18 @@ def build(group: str, node: DictConfig, *call_args: Any, **kwargs: Any) -> Any:
     except InstantiationException as error:
         cause = error.__cause__
         if isinstance(cause, ValueError | TypeError | DataError):
-            raise ConfigError(describe(group, cause)) from error
+            raise ConfigError(with_group(group, cause)) from error
         raise
     except (ValueError, TypeError, OmegaConfBaseException) as error:
-        raise ConfigError(describe(group, error)) from error
+        raise ConfigError(with_group(group, error)) from error
 
 
 def foreign_fields(target: type, names: Any) -> list[str]:
     """Those of `names` that another known model takes and `target` does not (latent_dim for a ViT, ...)."""
     own = set(inspect.signature(target).parameters)
-    others = {name for model in MODELS if model is not target for name in inspect.signature(model).parameters}
+    models = registered_models()  # a preset's fields for one of these are skipped, with a warning, by the others
+    others = {name for model in models if model is not target for name in inspect.signature(model).parameters}
     return sorted(set(names) & (others - own))
-
-
-def _warn_skipped(target: type, skipped: list[str]) -> None:
-    if skipped:
-        log.warning("model=%s ignores the setting(s) %s of other models", target.__name__, ", ".join(skipped))
-
-
-def make_model(target: type, **fields: Any) -> torch.nn.Module:
-    """`target(**fields)` without the fields of other models; any other unknown field is still a TypeError."""
-    skipped = foreign_fields(target, fields)
-    _warn_skipped(target, skipped)
-    return target(**{name: value for name, value in fields.items() if name not in skipped})
 
 
 def model_fields(node: DictConfig, num_classes: int) -> dict[str, Any]:
@@ -79,11 +69,12 @@ def model_fields(node: DictConfig, num_classes: int) -> dict[str, Any]:
     number of classes."""
     target = get_class(node._target_)
     skipped = foreign_fields(target, node)
-    _warn_skipped(target, skipped)
+    if skipped:
+        log.warning("model=%s ignores the setting(s) %s of other models", target.__name__, ", ".join(skipped))
     try:
         fields = OmegaConf.to_container(node, resolve=True)  # resolved: interpolations need the whole config
     except OmegaConfBaseException as error:
-        raise ConfigError(describe("model", error)) from error
+        raise ConfigError(with_group("model", error)) from error
     return {**{key: value for key, value in fields.items() if key not in skipped}, "num_classes": num_classes}
 
 
@@ -99,30 +90,45 @@ def check_num_classes(configured: int | None, actual: int) -> int:
 
 
 @dataclass
-class Parts:
-    settings: TrainSettings
-    device: torch.device
-    source: DataSource
-    model: torch.nn.Module
-    augment: BatchAugment
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    num_classes: int
+class Parts(TrainingParts):
+    """What is trained (`fit` takes it as it is), and what the run around it needs."""
+
+    settings: TrainSettings | None = None
+    source: DataSource | None = None
     model_config: dict[str, Any] = field(default_factory=dict)  # how the model was built (`model_fields`)
 
-    def training(self) -> TrainingParts:
-        return TrainingParts(self.model, self.augment, self.optimizer, self.scheduler, self.num_classes)
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
-def build_parts(cfg: DictConfig) -> Parts:
-    """Everything cheap, in the order that fails fastest, so a bad setting costs seconds, not a data download."""
+def configured_device(cfg: DictConfig) -> torch.device:
+    """`trainer.device` resolved (auto = CUDA when there is one); ConfigError for a device that is not there."""
+    try:
+        return resolve_device(cfg.trainer.device)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from error
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_parts(cfg: DictConfig, device: torch.device | None = None) -> Parts:
+    """Everything cheap, in the order that fails fastest, so a bad setting costs seconds, not a data download;
+    the random generators are seeded with `seed` before the first part is built. `device`: this rank's (a run
+    resolves it once, `RunSetup`); by default `trainer.device`'s."""
     check_run_settings(cfg)
     settings = train_settings(cfg)
+    if device is None:
+        device = distributed.rank_device(configured_device(cfg), distributed.current())
     try:
-        device = distributed.rank_device(resolve_device(settings.device), distributed.current())
         resolve_mode(cfg.logger.get("mode", "disabled"))
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from error
+    seed_everything(cfg.seed)
     source = build("data.source", cfg.data.source)
     try:
         source.check()
@@ -134,7 +140,7 @@ def build_parts(cfg: DictConfig) -> Parts:
     augment = build("augmentation", cfg.augmentation, num_classes=num_classes).to(device)
     optimizer = build("optimizer", cfg.optimizer, model)
     scheduler = build("scheduler", cfg.scheduler, optimizer)
-    return Parts(settings, device, source, model, augment, optimizer, scheduler, num_classes, model_config)
+    return Parts(model, augment, optimizer, scheduler, num_classes, settings, source, model_config)
 
 
 def shared_cache_dir(cfg: DictConfig) -> Path | None:

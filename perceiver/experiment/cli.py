@@ -21,7 +21,7 @@ from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from perceiver.experiment.config import ConfigError, invalid_value_message
-from perceiver.experiment.run import in_sweep, record_failure, run_directory
+from perceiver.experiment.job import in_sweep, record_failure, run_directory
 from perceiver.training import CheckpointError, NonFiniteLossError, TrainingInterrupted
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,20 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch.utils.data import ConcatDataset, Dataset
 
-from perceiver.data import ArrayDataset, DataError, make_loader, split_validation
+from perceiver.data import ArrayDataset, DataError, make_loader, open_rgb, split_validation
 from perceiver.experiment.build import build
 from perceiver.experiment.config import ConfigError
+from perceiver.experiment.job import job_overrides
 from perceiver.experiment.report import Observations, per_class_rows, write_evaluation_files, write_predictions
-from perceiver.experiment.run import job_overrides
 from perceiver.files import write_text_atomic
-from perceiver.inference import (
-    Classifier,
-    image_files,
-    is_pretrained_folder,
-    model_file,
-    read_model_file,
-    unreadable_images,
-)
+from perceiver.inference import Classifier, is_pretrained_folder, model_file, read_model_file
+from perceiver.inference.runs import classifier_from
 from perceiver.training import evaluate
 from perceiver.training.checkpoint import finished_metrics, run_dir_of
 from perceiver.training.device import resolve_device
@@ -83,7 +78,7 @@ def open_run(reference: str, device: str | None) -> TrainedRun:
     file = model_file(location)
     best = read_model_file(file)
     config = best.config or {}
-    classifier = Classifier.from_model_file(best, file).to(eval_device(device, config))
+    classifier = classifier_from(best, file).to(eval_device(device, config))
     run_dir = run_dir_of(file) or file.parent
     return TrainedRun(classifier, run_dir, file, best, config, finished_metrics(run_dir))
 
@@ -172,7 +167,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     loader = make_loader(split, batch_size, device, num_workers=int(cfg.get("num_workers", 2)))
     observations = Observations(classifier.num_classes, int(cfg.get("mistakes", 16)))
     numbers = evaluate(
-        classifier.model, classifier.augment, loader, device, precision, classifier.num_classes, observations
+        classifier.model, classifier.preprocess, loader, device, precision, classifier.num_classes, observations
     )
     title = f"{cfg.split} split, {observations.seen} images, top-1 {numbers['top1']:.4f}"
     files = write_evaluation_files(out_dir, observations, classifier.classes, title)
@@ -290,3 +285,30 @@ def predict_files(cfg: DictConfig, out_dir: Path) -> list[dict[str, Any]]:
             rows.append({"file": str(path), "predictions": [{"class": c, "probability": p} for c, p in top]})
     write_predictions(out_dir, rows, min(k, trained.classifier.num_classes))
     return rows
+
+
+def image_files(pattern: str | os.PathLike) -> list[Path]:
+    """The files a file name, a folder (its image files, recursively) or a glob pattern names, sorted."""
+    import glob
+
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    path = Path(os.path.expanduser(str(pattern)))
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found: Iterable[Path] = (p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+    else:
+        found = (Path(p) for p in glob.glob(str(path), recursive=True))
+    return sorted(p for p in found if p.is_file() and not p.name.startswith("."))
+
+
+def unreadable_images(paths: Sequence[Path]) -> list[str]:
+    """'path (why)' for each file PIL cannot decode, so a prediction run names every bad file before any work."""
+    bad = []
+    for path in paths:
+        try:
+            open_rgb(path)
+        except DataError as error:
+            bad.append(f"{path} ({' '.join(str(error.__cause__ or error).split())[:200]})")
+    return bad

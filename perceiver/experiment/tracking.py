@@ -8,12 +8,13 @@ into a no-op (metrics.json still holds every epoch).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import netrc
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,27 @@ STEP_METRICS = ("train_step/*",)
 MODEL_ALIASES = ("best", "latest")  # the model artifact is the best checkpoint, uploaded last
 
 
+class Tracker(Protocol):
+    """What a tracker is: where one training run's rows, summary, media and model file go. `log`'s `step` is the
+    global training step (it only grows, also across a resume); `run_id` is what a resumed run continues."""
+
+    mode: str
+    run_id: str | None
+    prediction_rows: int  # rows of the predictions table; 0 = none
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None: ...
+    def summarize(self, metrics: dict[str, Any]) -> None: ...
+    def log_artifact(self, path: Path, name: str, kind: str = "model") -> None: ...
+    def log_media(self, make: Callable[[Any], dict[str, Any]]) -> None: ...
+    def use_artifact(self, reference: str) -> Path: ...
+    def log_images(self, images: dict[str, Path], step: int | None = None) -> None: ...
+    def log_predictions(
+        self, key: str, rows: Sequence[tuple[Any, str, str, float]], step: int | None = None
+    ) -> None: ...
+    def mark_preempting(self) -> None: ...
+    def finish(self, exit_code: int = 0) -> None: ...
+
+
 class NullTracker:
     """Tracks nothing; `logger=none`."""
 
@@ -40,7 +62,11 @@ class NullTracker:
     prediction_rows = 0
 
     def __init__(self, **settings: Any) -> None:
-        """Accepts and ignores the W&B tracker's settings, so `logger=none` composes like `logger=wandb`."""
+        """Takes and ignores the W&B tracker's settings, so `logger=none` composes like `logger=wandb`; a setting
+        the W&B tracker does not have is a TypeError, as it would be there."""
+        unknown = sorted(set(settings) - set(inspect.signature(WandbTracker).parameters))
+        if unknown:
+            raise TypeError(f"NullTracker got unexpected settings: {', '.join(unknown)}")
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         pass
@@ -79,7 +105,7 @@ def download_artifact(reference: str, run: Any = None) -> Path:
         artifact = run.use_artifact(reference) if run is not None else wandb.Api().artifact(reference)
         return Path(artifact.download())
     except Exception as error:
-        raise ValueError(f"the W&B artifact {reference} cannot be downloaded ({describe(error)})") from error
+        raise ValueError(f"the W&B artifact {reference} cannot be downloaded ({one_line(error)})") from error
 
 
 def has_wandb_credentials() -> bool:
@@ -105,7 +131,7 @@ def resolve_mode(mode: str) -> str:
     return "online" if has_wandb_credentials() else "offline"
 
 
-def describe(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     """An exception as one short line: W&B's messages span lines and can be long."""
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
@@ -142,24 +168,15 @@ class WandbTracker:
         self.run_id: str | None = run_id
         if self.mode == "disabled":
             return
-        self._init_args = {
-            "project": project,
-            "entity": entity,
-            "group": group,
-            "job_type": job_type,
-            "name": name,
-            "tags": list(tags or []),
-            "notes": notes,
-            "config": config,
-            "dir": str(run_dir),
-        }
+        self._init_args = dict(project=project, entity=entity, group=group, job_type=job_type, name=name, notes=notes)
+        self._init_args |= {"tags": list(tags or []), "config": config, "dir": str(run_dir)}
         try:
             self.run = self._start(self.mode)
             self.run_id = self.run.id
         except Exception as error:  # network, credentials, service: training goes on regardless
-            self._fall_back(f"could not start a W&B run ({describe(error)})")
+            self._fall_back(f"could not start a W&B run ({one_line(error)})")
             return
-        self._define_metrics()
+        define_metrics(self.run)
         if self.mode == "offline":
             log.info(
                 "W&B is offline (no credentials found or mode=offline); upload later with: wandb sync %s",
@@ -179,21 +196,6 @@ class WandbTracker:
             reinit="create_new",
         )
 
-    def _define_metrics(self) -> None:
-        """Step metric and best-value summaries for the dashboards (see EPOCH_METRICS). A failure here only
-        warns: the run itself still works, its curves just fall back to W&B's step."""
-        try:
-            self.run.define_metric("epoch")
-            for name in EPOCH_METRICS:
-                self.run.define_metric(name, step_metric="epoch")
-            for name, summary in BEST_SUMMARIES.items():  # an exact name overrides its glob: repeat the step
-                self.run.define_metric(name, step_metric="epoch", summary=summary)
-            self.run.define_metric("global_step")
-            for name in STEP_METRICS:
-                self.run.define_metric(name, step_metric="global_step")
-        except Exception as error:
-            log.warning("W&B: could not define the epoch metrics (%s); curves use W&B's step.", describe(error))
-
     def _disable(self, reason: str) -> None:
         log.warning("W&B tracking is off for the rest of this run: %s. Training continues.", reason)
         self.run = None
@@ -207,54 +209,42 @@ class WandbTracker:
         try:
             self.run = self._start("offline")
         except Exception as error:
-            self._disable(f"{reason}; an offline run failed too ({describe(error)})")
+            self._disable(f"{reason}; an offline run failed too ({one_line(error)})")
             return
         self.mode, self.run_id = "offline", self.run.id
-        self._define_metrics()
+        define_metrics(self.run)
         log.warning(
             "W&B: %s. Training continues; metrics go to an offline run, upload it later with: wandb sync %s",
             reason,
             Path(self.run.dir).parent,
         )
 
-    def _guarded(self, action: str, call) -> None:
+    def _guarded(self, action: str, call: Callable[[Any], Any]) -> None:
+        """`call(wandb)` on the live run (wandb is imported only when there is one); a failure falls back."""
         if self.run is None:
             return
         try:
-            call()
+            import wandb
+
+            call(wandb)
         except Exception as error:
-            self._fall_back(f"{action} failed ({describe(error)})")
+            self._fall_back(f"{action} failed ({one_line(error)})")
             if self.run is not None:
                 self._guarded(action, call)  # once more, on the offline run
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        self._guarded("logging", lambda: self.run.log(metrics, step=step))
+        self._guarded("logging", lambda wandb: self.run.log(metrics, step=step))
 
     def summarize(self, metrics: dict[str, Any]) -> None:
-        self._guarded("updating the summary", lambda: self.run.summary.update(metrics))
+        self._guarded("updating the summary", lambda wandb: self.run.summary.update(metrics))
 
     def log_artifact(self, path: Path, name: str, kind: str = "model") -> None:
-        if not self.log_model:
-            return
-
-        def upload() -> None:
-            import wandb
-
-            artifact = wandb.Artifact(name, type=kind)
-            artifact.add_file(str(path))
-            self.run.log_artifact(artifact, aliases=list(MODEL_ALIASES) if kind == "model" else None)
-
-        self._guarded("logging the artifact", upload)
+        if self.log_model:
+            self._guarded("logging the artifact", lambda wandb: upload_file(self.run, wandb, path, name, kind))
 
     def log_media(self, make: Callable[[Any], dict[str, Any]]) -> None:
         """Log what `make(wandb)` builds (tables, plots, images): made only when there is a run to take it."""
-
-        def upload() -> None:
-            import wandb
-
-            self.run.log(make(wandb))
-
-        self._guarded("logging media", upload)
+        self._guarded("logging media", lambda wandb: self.run.log(make(wandb)))
 
     def use_artifact(self, reference: str) -> Path:
         """Download a W&B artifact (`entity/project/name:version`) as this run's input, so that the run's lineage
@@ -264,9 +254,7 @@ class WandbTracker:
     def log_images(self, images: dict[str, Path], step: int | None = None) -> None:
         """PNG files as W&B images (media panels), at the global step of the epoch row they belong to."""
 
-        def send() -> None:
-            import wandb
-
+        def send(wandb: Any) -> None:
             self.run.log({key: wandb.Image(str(path)) for key, path in images.items()}, step=step)
 
         self._guarded("logging images", send)
@@ -274,22 +262,16 @@ class WandbTracker:
     def log_predictions(self, key: str, rows: Sequence[tuple[Any, str, str, float]], step: int | None = None) -> None:
         """A table of (image as an (H, W, C) uint8 array, label, prediction, confidence), at most
         `prediction_rows` of them."""
-        if not self.prediction_rows:
-            return
 
-        def send() -> None:
-            import wandb
+        def send(wandb: Any) -> None:
+            self.run.log({key: predictions_table(wandb, rows[: self.prediction_rows])}, step=step)
 
-            table = wandb.Table(columns=["image", "label", "prediction", "confidence"])
-            for image, label, prediction, confidence in rows[: self.prediction_rows]:
-                table.add_data(wandb.Image(image), label, prediction, confidence)
-            self.run.log({key: table}, step=step)
-
-        self._guarded("logging the predictions table", send)
+        if self.prediction_rows:
+            self._guarded("logging the predictions table", send)
 
     def mark_preempting(self) -> None:
         """Tell W&B the run was preempted (SIGTERM) and will be resumed, rather than that it crashed."""
-        self._guarded("marking the run preempting", lambda: self.run.mark_preempting())
+        self._guarded("marking the run preempting", lambda wandb: self.run.mark_preempting())
 
     def finish(self, exit_code: int = 0) -> None:
         run, self.run = self.run, None
@@ -298,3 +280,33 @@ class WandbTracker:
                 run.finish(exit_code=exit_code)
             except Exception as error:
                 log.warning("W&B could not finish the run cleanly (%s); local files are kept.", error)
+
+
+def define_metrics(run: Any) -> None:
+    """Step metric and best-value summaries for the dashboards (see EPOCH_METRICS). A failure here only
+    warns: the run itself still works, its curves just fall back to W&B's step."""
+    try:
+        run.define_metric("epoch")
+        for name in EPOCH_METRICS:
+            run.define_metric(name, step_metric="epoch")
+        for name, summary in BEST_SUMMARIES.items():  # an exact name overrides its glob: repeat the step
+            run.define_metric(name, step_metric="epoch", summary=summary)
+        run.define_metric("global_step")
+        for name in STEP_METRICS:
+            run.define_metric(name, step_metric="global_step")
+    except Exception as error:
+        log.warning("W&B: could not define the epoch metrics (%s); curves use W&B's step.", one_line(error))
+
+
+def upload_file(run: Any, wandb: Any, path: Path, name: str, kind: str) -> None:
+    """`path` as an artifact of `run`; a model gets the aliases best and latest."""
+    artifact = wandb.Artifact(name, type=kind)
+    artifact.add_file(str(path))
+    run.log_artifact(artifact, aliases=list(MODEL_ALIASES) if kind == "model" else None)
+
+
+def predictions_table(wandb: Any, rows: Sequence[tuple[Any, str, str, float]]) -> Any:
+    table = wandb.Table(columns=["image", "label", "prediction", "confidence"])
+    for image, label, prediction, confidence in rows:
+        table.add_data(wandb.Image(image), label, prediction, confidence)
+    return table

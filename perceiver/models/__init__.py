@@ -1,6 +1,6 @@
 """Models: plain `nn.Module`s with typed constructor arguments; no configs, no tracking, no training loop.
 
-Each model owns its arithmetic (`training_flops`), and no model imports another.
+Each model owns its arithmetic (`training_flops`), registers itself (`registry.py`), and no model imports another.
 """
 
 from perceiver.models.perceiver import Perceiver

@@ -23,6 +23,7 @@ from torch import nn
 from perceiver.models import checks, folding, layers
 from perceiver.models.permutation import FixedPermutation, check_permutation_arguments
 from perceiver.models.position import POSITION_ENCODINGS, PatchEncoder
+from perceiver.models.registry import register_model
 
 WEIGHT_SHARING = ("all", "all_but_first", "none")
 
@@ -218,6 +219,7 @@ def sharing_plan(weight_sharing: str, num_iterations: int) -> tuple[list[int], l
     return steps, steps
 
 
+@register_model
 class Perceiver(nn.Module):
     """Perceiver image classifier; defaults are the Keras example's CIFAR-100 settings."""
 
@@ -254,16 +256,9 @@ class Perceiver(nn.Module):
         ffn_units = projection_dim if ffn_units is None else ffn_units
         classifier_units = projection_dim if classifier_units is None else classifier_units
         check_arguments(**{name: value for name, value in locals().items() if name in ARGUMENTS})
-        self.num_classes = num_classes
-        self.latent_init_std = latent_init_std
+        self.num_classes, self.latent_init_std = num_classes, latent_init_std
         self.encoder = PatchEncoder(
-            image_size,
-            patch_size,
-            in_channels,
-            projection_dim,
-            position_encoding,
-            fourier_num_bands,
-            fourier_max_freq,
+            image_size, patch_size, in_channels, projection_dim, position_encoding, fourier_num_bands, fourier_max_freq
         )
         # The paper's Table 2: one fixed shuffle of the inputs *after* their position encoding is attached,
         # so each input keeps its own position; cross-attention ignores the order, so the logits don't change.
@@ -306,9 +301,8 @@ class Perceiver(nn.Module):
         return self._encode(images, None)
 
     def _encode(self, images: torch.Tensor, maps: list[torch.Tensor] | None) -> torch.Tensor:
-        """The forward loop, in one place for `forward_features` and `attention_maps`: when `maps` is a list,
-        the weights of each cross-attend are appended to it, (B, heads, N, M) in the order the model
-        attended in (permuted when `permute_inputs`)."""
+        """The forward loop, for `forward_features` and `attention_maps`: with a `maps` list, each cross-attend's
+        weights are appended to it, (B, heads, N, M) in the order the model attended in (permuted, if so)."""
         data = self.encoder(images)
         if self.permutation is not None:
             data = self.permutation(data)
@@ -328,17 +322,14 @@ class Perceiver(nn.Module):
         """Cross-attention weights, to see where the latents look: one (B, cross_attention_heads, N, M) tensor
         per iteration, in application order (following `cross_index`); each row sums to 1 over the M inputs.
 
-        They are the softmax weights of the same forward pass, so call it in eval mode (`model.eval()`): then
-        they are exactly what the logits use. The mode is left as it is; in train mode the latents that later
-        iterations' maps come from pass through dropout. With `permute_inputs`, `unpermute=True` puts the M
-        axis back in patch-grid (row-major) order so a map can be drawn on the image; `unpermute=False` keeps
-        the order the model attended in: raw[..., j] == grid[..., permutation.index[j]].
+        They are the softmax weights of the same forward pass: in eval mode (`model.eval()`) exactly what the logits
+        use; the mode is left as it is. With `permute_inputs`, `unpermute=True` puts the M axis back in patch-grid
+        (row-major) order so a map can be drawn on the image; `unpermute=False` keeps the order attended in.
         """
         maps: list[torch.Tensor] = []
         self._encode(images, maps)
         if unpermute and self.permutation is not None:
-            inverse = torch.argsort(self.permutation.index)  # grid[..., i] = raw[..., inverse[i]]
-            maps = [weights.index_select(-1, inverse) for weights in maps]
+            maps = [self.permutation.undo(weights, dim=-1) for weights in maps]
         return maps
 
     def forward_head(self, latents: torch.Tensor) -> torch.Tensor:
@@ -349,25 +340,20 @@ class Perceiver(nn.Module):
         return self.forward_head(self.forward_features(images))
 
     def forward_flops(self, batch_size: int) -> tuple[int, int]:
-        """(FLOPs of the forward pass of one batch, of which the image projection's): matrix products only,
-        2 per multiply-add, as `torch.utils.flop_counter` counts them, following what `forward` computes with the
-        self-attention unfolded. These are the model's FLOPs, the measure of MFU; the folded self-attention
-        (`SelfAttention`, on the CPU) computes the same function with fewer.
-
-        The data array's keys and values are computed once per cross-attention module, and the first
-        cross-attend's queries once per batch (the latents are the same for every image).
-        """
+        """(FLOPs of the forward pass of one batch, of which the image projection's): matrix products only, 2 per
+        multiply-add, as `torch.utils.flop_counter` counts them, of `forward` with the self-attention unfolded: the
+        model's FLOPs, the measure of MFU (the folded self-attention on the CPU computes the same with fewer). The
+        data's keys and values are computed once per cross-attention module."""
         m = self.encoder.num_patches
         n, d = self.latents.shape
         projection = m * self.encoder.projection.in_features * d
         per_image = len(set(self.cross_index)) * m * d * 2 * d  # keys and values, once per module
         shared = 0
         for step, (c, t) in enumerate(zip(self.cross_index, self.latent_index, strict=True)):
-            queries = n * d * d
             if step == 0:
-                shared += queries
+                shared += n * d * d  # the first queries, once per batch: the latents are the same for every image
             else:
-                per_image += queries
+                per_image += n * d * d
             ffn_hidden = self.cross_attends[c].ffn[0].out_features
             per_image += 2 * n * m * d + 2 * n * d * ffn_hidden  # scores and weighted sum; feed-forward
             for block in self.latent_transformers[t]:

@@ -35,6 +35,10 @@ class FixedPermutation(nn.Module):
             )
         return x.index_select(dim, self.index)
 
+    def undo(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The inverse: undo(self(x)) == x; raw[..., j] of axis `dim` moves back to grid position index[j]."""
+        return x.index_select(dim, torch.argsort(self.index))
+
     def permute_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W) with pixels moved: each pixel keeps its channels together, and
         every image in the batch gets the same shuffle (the permutation has length H * W)."""

@@ -39,10 +39,6 @@ def fourier_features(grid_size: int, num_bands: int, max_freq: float) -> torch.T
     return features.reshape(grid_size * grid_size, -1).float()
 
 
-def fourier_feature_dim(num_bands: int) -> int:
-    return 2 * (2 * num_bands + 1)
-
-
 class PatchEncoder(nn.Module):
     """Patches -> (B, M, projection_dim) data array with the chosen position encoding.
 

@@ -12,8 +12,10 @@ from torch import nn
 
 from perceiver.models import checks
 from perceiver.models.permutation import FixedPermutation, check_permutation_arguments
+from perceiver.models.registry import register_model
 
 
+@register_model
 class ViT(nn.Module):
     """timm's `VisionTransformer` (class token, learned position embeddings, pre-LayerNorm blocks),
     trained from scratch, with an optional fixed pixel permutation in front.

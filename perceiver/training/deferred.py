@@ -1,8 +1,7 @@
 """Non-finite losses checked on the device, so that a training step never waits for the host.
 
 Reading a device tensor on the host (`.item()`, `bool(tensor)`) waits for every kernel queued before it: on
-a GPU the per-step check of `stopping.step_is_finite` drains the queue once per step. With
-`trainer.sync_free` (on CUDA by default) the loop does this instead:
+a GPU a per-step check of the loss drains the queue once per step. The training step does this instead:
 
 - each step's loss is tested on the device (under torchrun the ranks agree on it with an all-reduce, which
   is queued like any kernel, not read);
@@ -11,12 +10,14 @@ a GPU the per-step check of `stopping.step_is_finite` drains the queue once per 
   its parameters and state tensors put back with `torch.where`;
 - with `nonfinite_loss=error` the first bad step also halts every later update until the flags are read, so
   the weights stay those before it: the last good state that the error saves;
-- the flags are read (one host sync) every `log_every_n_steps`, before a checkpoint and at the epoch's end.
+- the flags are read (one host sync) after every step, or with `trainer.sync_free` (on CUDA by default) only
+  every `log_every_n_steps`, before a checkpoint and at the epoch's end.
 
 What a masked step does not put back: counters an optimizer keeps on the host (timm's LAMB counts steps in
 its param group) or on another device than the parameters (torch's non-fused Adam keeps them on the CPU
-for CUDA parameters); with `nonfinite_loss=skip` such a counter runs ahead by the steps skipped. The
-state a masked error saves has the random generators of the read, not of the bad step.
+for CUDA parameters); with `nonfinite_loss=skip` such a counter runs ahead by the steps skipped, and fp16's
+loss scale is lowered as for any step with non-finite gradients. The state a masked error saves has the random
+generators of the read, not of the bad step.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Importing timm imports all of its models and torchvision with them: 1.5-5 s of every run's start-up
 (docs/benchmarks.md, "Start-up"), to build an Adam. For `adam`, `adamw` and `sgd` this builds the same optimizer
-timm would (its parameter groups, defaults and argument handling; tests/test_optimizers.py compares them);
+timm would (its parameter groups, defaults and argument handling; tests/training/test_optimizers.py compares them);
 every other name (`lamb`, `lookahead_adam`, ...) goes to timm itself.
 """
 

@@ -6,10 +6,6 @@ import logging
 import math
 from typing import Any
 
-import torch
-
-from perceiver.training import distributed
-
 log = logging.getLogger(__name__)
 
 # How to get past a diverging loss; a message's last advice, where the settings are named.
@@ -58,20 +54,6 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(message)
         self.batch, self.value = batch, value
         self.checkpoint, self.run_dir = checkpoint, run_dir
-
-
-def step_is_finite(loss: torch.Tensor, policy: str, skipped_so_far: int, where: str, batch: int) -> bool:
-    """The non-finite loss policy, applied before an update so that no NaN reaches the weights: True when the
-    step may go on; False to skip it (`skip`, counted by the caller); NonFiniteLossError for `error`.
-    Every rank takes the same branch (one host sync per step; `deferred` checks on the device instead)."""
-    if not distributed.any_rank(~torch.isfinite(loss)):
-        return True
-    if policy == "error":
-        value = loss.item()
-        raise NonFiniteLossError(f"non-finite training loss ({value}) at batch {batch}", batch, value)
-    if skipped_so_far == 0:
-        warn_skipped(where, batch, loss.item())
-    return False
 
 
 def warn_skipped(where: str, batch: int, value: float) -> None:

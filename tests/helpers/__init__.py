@@ -1,18 +1,56 @@
-"""What several test files share: real image folders written on the spot, running the entry points as a
-user does, and reading what a sweep left behind."""
+"""What several test files share: the repository's paths, one way to isolate the environment and one way to
+compose the config, real image folders written on the spot, running the entry points as a user does, and
+reading what a sweep left behind. (Tiny models and training problems: helpers/models.py, helpers/training.py;
+tiny trained runs: helpers/runs.py; W&B's offline files: helpers/wandb_files.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from PIL import Image
 
-from tests.wandb_files import read_offline_run
+from tests.helpers.wandb_files import read_offline_run
 
 REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "conf"
+
+
+def isolate(env: pytest.MonkeyPatch, root: Path) -> None:
+    """Data caches, W&B files (artifact staging too) and credentials below `root`; never a W&B server. Tests pass
+    whatever the caller's environment holds."""
+    env.setenv("PERCEIVER_DATA_ROOT", str(root / "data"))
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        env.setenv(name, str(root / name.lower()))
+    env.setenv("WANDB_SILENT", "true")
+    env.setenv("NETRC", str(root / "netrc"))
+    env.delenv("WANDB_API_KEY", raising=False)
+    env.delenv("WANDB_MODE", raising=False)
+
+
+@contextlib.contextmanager
+def isolated(root: Path) -> Iterator[pytest.MonkeyPatch]:
+    """`isolate` for module-scoped fixtures, which run before the per-test isolation (tests/conftest.py) applies."""
+    with pytest.MonkeyPatch.context() as env:
+        isolate(env, root)
+        yield env
+
+
+def compose_config(name: str, *overrides: str, hydra_node: bool = False) -> DictConfig:
+    """conf/<name>.yaml composed with overrides, as `python <name>.py OVERRIDES` would; with `hydra_node`, also
+    Hydra's own node (launcher, sweeper) as a multirun of that job sees it."""
+    import perceiver.experiment.config  # noqa: F401 - registers the config schemas that conf/train.yaml names
+
+    job = {"job_name": name} if hydra_node else {}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3", **job):
+        return compose(name, overrides=list(overrides), return_hydra_config=hydra_node)
+
 
 Colour = Callable[[int, int], tuple[int, int, int]]
 

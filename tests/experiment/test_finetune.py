@@ -18,8 +18,8 @@ from perceiver.experiment.config import ConfigError
 from perceiver.experiment.finetune import start_from
 from perceiver.models import Perceiver, ViT
 from perceiver.models.transfer import transfer_weights
-from tests.helpers import run_script
-from tests.helpers.runs import isolated, train_run
+from tests.helpers import isolated, run_script
+from tests.helpers.runs import train_run
 
 
 @pytest.fixture(scope="module")

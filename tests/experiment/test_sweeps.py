@@ -34,8 +34,7 @@ from perceiver.experiment.summary import (
 from perceiver.experiment.sweeps import grid, run_name, run_tags, wandb_sweep_config
 from perceiver.experiment.tracking import WandbTracker
 from perceiver.training.device import configure_determinism
-from tests.conftest import CONF, REPO
-from tests.helpers import job_dirs, offline_runs, run_script
+from tests.helpers import CONF, REPO, job_dirs, offline_runs, run_script
 
 TINY_JOBS = ["experiment=cpu_smoke", "logger.mode=offline", "trainer.epochs=2", "data.source.num_train=600"]
 ABLATIONS = sorted(p.stem for p in (CONF / "ablation").glob("*.yaml"))

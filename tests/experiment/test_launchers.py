@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import submitit
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
 from hydra.core.singleton import Singleton
@@ -29,8 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import DelayedSubmission, JobPaths, UncompletedJobError
 
-from tests.conftest import CONF
-from tests.helpers import job_dirs, offline_runs, run_script
+from tests.helpers import compose_config, job_dirs, offline_runs, run_script
 
 TINY_JOBS = ["experiment=cpu_smoke", "logger.mode=offline", "trainer.epochs=1", "data.source.num_train=600"]
 
@@ -46,12 +44,7 @@ def compose_with_hydra(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
     state = Singleton.get_state()
 
     def _compose(*overrides: str) -> DictConfig:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="train"):
-            return compose(
-                "train",
-                overrides=[f"paths.output_dir={tmp_path / 'outputs'}", *overrides],
-                return_hydra_config=True,
-            )
+        return compose_config("train", f"paths.output_dir={tmp_path / 'outputs'}", *overrides, hydra_node=True)
 
     yield _compose
     Singleton.set_state(state)

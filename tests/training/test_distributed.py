@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from perceiver.data import ArrayDataset, DeviceBatches, EpochSampler, Shard
-from tests.conftest import REPO
-from tests.wandb_files import read_offline_run
+from tests.helpers import REPO
+from tests.helpers.wandb_files import read_offline_run
 
 # No randomness besides the data order, so one process and two must compute the same thing.
 EXACT = [

@@ -4,14 +4,10 @@ output that stays readable when it goes to a file rather than a terminal."""
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import math
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +17,11 @@ import torch
 from PIL import Image
 
 from perceiver.experiment.tracking import WandbTracker
-from perceiver.training import EpochEnd, TrainingInterrupted, distributed, loop
+from perceiver.training import TrainingInterrupted
 from perceiver.training.settings import TrainSettings
-from tests.conftest import REPO
 from tests.helpers import run_script
-from tests.wandb_files import MetricDefinition, media, read_metric_definitions, read_offline_run
+from tests.helpers.training import RecordingTracker
+from tests.helpers.wandb_files import MetricDefinition, media, read_metric_definitions, read_offline_run
 
 EPOCH_KEYS = ("train/*", "val/*", "perf/*", "lr", "images_per_second", "epoch_seconds")
 
@@ -104,207 +100,6 @@ def test_a_failing_define_metric_only_warns_and_the_run_goes_on(
     assert tracker.run is run and tracker.mode == "online" and run.logged == [{"epoch": 1, "val/loss": 1.0}]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "define_metric is not available" in warnings[0]
-
-
-class FakeTerminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_a_progress_bar_is_drawn_only_on_rank_zero_in_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "stderr", io.StringIO())
-    assert not loop.draws_progress_bar(True)  # redirected to a file
-    monkeypatch.setattr(sys, "stderr", FakeTerminal())
-    assert loop.draws_progress_bar(True) and not loop.draws_progress_bar(False)
-    monkeypatch.setattr(distributed, "current", lambda: distributed.Context(rank=1, world_size=2))
-    assert not loop.draws_progress_bar(True)
-
-
-class CountingStep:
-    """Stands in for `TrainStep`: counts its calls and the host reads of the loss it returns (each
-    `item()` of a real loss is a device sync)."""
-
-    def __init__(self, settings: TrainSettings) -> None:
-        self.model, self.settings = torch.nn.Identity(), settings
-        self.calls = self.reads = 0
-
-    def __call__(self, *args: object) -> CountingStep:
-        self.calls += 1
-        return self  # the "loss"
-
-    def item(self) -> float:
-        self.reads += 1
-        return 0.25
-
-
-@pytest.mark.parametrize(("batches", "lines"), [(250, 5), (200, 0)])
-def test_without_a_bar_a_long_epoch_logs_its_loss_every_n_steps(
-    batches: int, lines: int, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Five intervals of 50 in 250 batches; 200 batches (4 intervals) is short: the epoch-end line is enough.
-    Under pytest stderr is no terminal, so `progress_bar=true` draws no bar."""
-    step = CountingStep(TrainSettings(progress_bar=True, log_every_n_steps=50, device="cpu"))
-    caplog.set_level(logging.INFO, logger=loop.__name__)
-    loader = [(torch.zeros(1), torch.zeros(1))] * batches
-    loop.train_one_epoch(step, loader, metrics=None, description="epoch 1/1")
-    logged = [r.getMessage() for r in caplog.records if "batch" in r.getMessage()]
-    assert step.calls == batches and step.reads == lines == len(logged)
-    if lines:
-        assert logged[0] == "epoch 1/1  batch 50/250  loss 0.2500"
-
-
-@pytest.mark.slow
-def test_a_progress_bar_redirected_to_a_file_writes_no_carriage_returns(tmp_path: Path) -> None:
-    """A cluster job's log is a file: tqdm would fill it with a `\\r` per redraw."""
-    epochs, output = 2, tmp_path / "output.txt"
-    command = [sys.executable, "train.py", "experiment=cpu_smoke", "logger=none", "trainer.progress_bar=true"]
-    command += [f"trainer.epochs={epochs}", f"hydra.run.dir={tmp_path / 'run'}"]
-    with output.open("w") as out:
-        result = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=300)
-    text = output.read_text()
-    assert result.returncode == 0, text[-3000:]
-    assert text.count("\r") <= 2 * epochs, repr(text[-2000:])
-    assert text.count("train loss") == epochs  # each epoch is still reported, by its epoch-end line
-
-
-# ----------------------------------------------------------------------------- step rows, epoch-end callbacks
-
-
-class RecordingTracker:
-    """Keeps what `fit` logs, as (row, step); `on_log(row, step)` may act on it (send a signal)."""
-
-    run_id = None
-
-    def __init__(self, on_log: Any = None) -> None:
-        self.logged: list[tuple[dict[str, Any], int | None]] = []
-        self.on_log = on_log
-
-    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        self.logged.append((dict(metrics), step))
-        if self.on_log is not None:
-            self.on_log(metrics, step)
-
-    def step_rows(self) -> list[tuple[dict[str, Any], int | None]]:
-        return [(row, step) for row, step in self.logged if "global_step" in row]
-
-    def epoch_rows(self) -> list[tuple[dict[str, Any], int | None]]:
-        return [(row, step) for row, step in self.logged if "epoch" in row]
-
-
-def small_fit(run_dir: Path, tracker: Any, resume: Any = None, callbacks: Any = (), **settings: Any) -> Any:
-    """3 batches per epoch (tests/test_engine.py's tiny problem), 3 epochs, a step row every 2 global steps."""
-    from perceiver import BatchAugment, Perceiver, fit
-    from perceiver.training import TrainingParts, TrainState
-    from tests.test_engine import tiny_problem
-
-    torch.manual_seed(0)
-    model = Perceiver(image_size=8, patch_size=4, num_classes=2, latent_dim=4, projection_dim=8, num_heads=1)
-    augment = BatchAugment(image_size=8, num_classes=2)
-    augment.set_statistics([100.0] * 3, [60.0] * 3)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    options = {"epochs": 3, "progress_bar": False, "device": "cpu", "log_every_n_steps": 2, **settings}
-    state = TrainState.from_dict(resume) if resume is not None else None
-    parts = TrainingParts(model, augment, optimizer, None, num_classes=2)
-    train, val = tiny_problem()
-    return fit(parts, train, val, TrainSettings(**options), run_dir, state, tracker, callbacks=callbacks)
-
-
-def test_step_rows_come_every_n_global_steps_across_epochs_with_the_steps_own_loss(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """9 steps: step rows at 2, 4, 6, 8 (epoch boundaries do not restart the count), epoch rows at 3, 6, 9; W&B's
-    step is the global step for both and never goes down. The loss is the one of that very step, recorded here
-    by a spy on the loss function (the loop itself reads it only at those steps)."""
-    losses: list[float] = []
-    real_loss = loop.classification_loss
-
-    def spy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-        loss = real_loss(logits, targets, smoothing)
-        if torch.is_grad_enabled():  # training steps; evaluation runs without gradients
-            losses.append(loss.item())
-        return loss
-
-    monkeypatch.setattr(loop, "classification_loss", spy)
-    tracker = RecordingTracker()
-    result = small_fit(tmp_path, tracker)
-    steps = [step for _, step in tracker.logged]
-    assert steps == [2, 3, 4, 6, 6, 8, 9] and steps == sorted(steps)
-    assert [(row["epoch"], step) for row, step in tracker.epoch_rows()] == [(1, 3), (2, 6), (3, 9)]
-    assert [row for row, _ in tracker.epoch_rows()] == result.history and result.global_step == 9
-    for row, step in tracker.step_rows():
-        assert set(row) == {"global_step", "train_step/loss", "train_step/lr"} and row["global_step"] == step
-        assert row["train_step/loss"] == pytest.approx(losses[step - 1], rel=1e-6)
-        assert row["train_step/lr"] == 1e-2
-
-
-def test_step_rows_reuse_the_one_loss_read_per_interval(caplog: pytest.LogCaptureFixture) -> None:
-    """A long epoch (250 batches, 30 global steps before it): log lines and step rows share one read each at
-    global steps 50, 100, ..., 250 (batches 20, 70, ...)."""
-    step = CountingStep(TrainSettings(progress_bar=False, log_every_n_steps=50, device="cpu"))
-    caplog.set_level(logging.INFO, logger=loop.__name__)
-    reported: list[tuple[int, float]] = []
-    loader = [(torch.zeros(1), torch.zeros(1))] * 250
-    loop.train_one_epoch(
-        step, loader, None, "epoch 2/2", report_loss=lambda s, v: reported.append((s, v)), steps_before=30
-    )
-    assert reported == [(50, 0.25), (100, 0.25), (150, 0.25), (200, 0.25), (250, 0.25)]
-    assert step.reads == 5 and step.calls == 250
-    lines = [r.getMessage() for r in caplog.records if "batch" in r.getMessage()]
-    assert len(lines) == 5 and lines[0] == "epoch 2/2  batch 20/250  loss 0.2500"
-    short = CountingStep(TrainSettings(progress_bar=False, log_every_n_steps=50, device="cpu"))
-    loop.train_one_epoch(short, [(torch.zeros(1), torch.zeros(1))] * 120, None, "", report_loss=lambda s, v: None)
-    assert short.reads == 2  # a short epoch logs no lines, but its step rows are still read
-
-
-def sigterm_at(step: int) -> Any:
-    def send(row: dict[str, Any], logged_step: int | None) -> None:
-        if "train_step/loss" in row and logged_step == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return send
-
-
-def test_a_run_stopped_by_sigterm_and_resumed_logs_every_step_once(tmp_path: Path) -> None:
-    """SIGTERM right after step 4 (epoch 2, batch 1): it saves there and stops; the resumed fit logs steps 6 and
-    8 and the epochs 2 and 3, exactly what the uninterrupted fit logged after step 4."""
-    whole = RecordingTracker()
-    small_fit(tmp_path / "whole", whole)
-    first = RecordingTracker(on_log=sigterm_at(4))
-    with pytest.raises(TrainingInterrupted):
-        small_fit(tmp_path / "part", first)
-    state = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
-    assert state["global_step"] == 4
-    second = RecordingTracker()
-    small_fit(tmp_path / "part", second, resume=state)
-    steps = [step for _, step in first.logged + second.logged]
-    assert steps == [step for _, step in whole.logged] == sorted(steps)
-    resumed_rows = [row["global_step"] for row, _ in first.step_rows() + second.step_rows()]
-    assert resumed_rows == [2, 4, 6, 8]  # none twice, none lost
-    timing = ("images_per_second", "epoch_seconds", "perf/tflops")
-    untimed = [({k: v for k, v in row.items() if k not in timing}, s) for row, s in first.logged + second.logged]
-    assert untimed == [({k: v for k, v in row.items() if k not in timing}, s) for row, s in whole.logged]
-
-
-def test_epoch_end_callbacks_see_each_epoch_after_its_checkpoint_and_not_when_stopping(tmp_path: Path) -> None:
-    seen: list[tuple[int, int, int]] = []
-
-    def callback(end: EpochEnd) -> None:
-        saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-        seen.append((end.epoch, end.global_step, saved["next_epoch"]))
-        assert end.row["epoch"] == end.epoch and isinstance(end.model, torch.nn.Module)
-
-    result = small_fit(tmp_path / "run", RecordingTracker(), callbacks=[callback])
-    assert seen == [(1, 3, 2), (2, 6, 3), (3, 9, 4)] and [row["epoch"] for row in result.history] == [1, 2, 3]
-
-    seen.clear()
-
-    def stop_after_epoch_1(row: dict[str, Any], step: int | None) -> None:
-        if row.get("epoch") == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with pytest.raises(TrainingInterrupted):
-        small_fit(tmp_path / "run", RecordingTracker(on_log=stop_after_epoch_1), callbacks=[callback])
-    assert seen == []  # stopping: the checkpoint is saved, nothing else is done
 
 
 # ----------------------------------------------------------------------------- what the tracker sends to W&B

@@ -18,7 +18,7 @@ import torch
 from keras import layers, ops
 
 from perceiver import Perceiver
-from tests.test_model import TINY
+from tests.helpers.models import TINY
 
 if keras.backend.backend() != "torch":  # pragma: no cover - a user's KERAS_BACKEND would change the layers
     raise RuntimeError(f"these tests need KERAS_BACKEND=torch, not {keras.backend.backend()}")

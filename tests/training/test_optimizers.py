@@ -11,7 +11,7 @@ from timm.optim import create_optimizer_v2
 
 from perceiver.models import Perceiver, ViT
 from perceiver.training.optimizers import create_optimizer
-from tests.conftest import CONF
+from tests.helpers import CONF
 
 CONFIGS = sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml"))
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from perceiver.experiment.tracking import NullTracker, WandbTracker, has_wandb_credentials, resolve_mode
-from tests.conftest import REPO
-from tests.wandb_files import read_offline_run
+from tests.helpers import REPO
+from tests.helpers.wandb_files import read_offline_run
 
 
 def test_auto_mode_is_offline_without_credentials() -> None:
@@ -97,10 +97,12 @@ def test_a_failing_wandb_init_does_not_stop_the_run(monkeypatch: pytest.MonkeyPa
     tracker.finish()
 
 
-def test_null_tracker_accepts_the_wandb_settings() -> None:
+def test_null_tracker_accepts_the_wandb_settings_and_refuses_others() -> None:
     tracker = NullTracker(config={}, run_dir=Path("."), mode="disabled", project="p")
     tracker.log({"a": 1}, step=1)
     tracker.finish()
+    with pytest.raises(TypeError, match="projcet"):
+        NullTracker(config={}, run_dir=Path("."), projcet="p")
 
 
 def test_a_wandb_failure_mid_run_goes_on_in_an_offline_run_of_the_same_id(

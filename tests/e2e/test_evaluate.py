@@ -18,9 +18,8 @@ from PIL import Image
 from perceiver.data import SyntheticSource
 from perceiver.experiment.evaluation import evaluate_run
 from perceiver.inference import load_run
-from tests.helpers import offline_runs, run_script, write_image_folder
-from tests.helpers.runs import compose_config, isolated
-from tests.wandb_files import read_records
+from tests.helpers import compose_config, isolated, offline_runs, run_script, write_image_folder
+from tests.helpers.wandb_files import read_records
 
 pytestmark = pytest.mark.slow
 

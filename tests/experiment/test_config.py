@@ -12,8 +12,7 @@ from omegaconf import DictConfig
 from perceiver import Perceiver, ViT
 from perceiver.experiment.build import build_parts
 from perceiver.experiment.config import ConfigError
-from tests.conftest import CONF
-from tests.helpers import write_image_folder
+from tests.helpers import CONF, write_image_folder
 
 GROUPS = ["model", "data", "augmentation", "optimizer", "scheduler", "logger", "experiment"]
 

@@ -16,7 +16,7 @@ from perceiver import Perceiver, TrainSettings
 from perceiver.experiment.run import train
 from perceiver.training.metrics import training_flops
 from tests.helpers import run_script, write_image_folder
-from tests.wandb_files import read_offline_run
+from tests.helpers.wandb_files import read_offline_run
 
 SMOKE = ["experiment=cpu_smoke"]
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.wandb_files import read_offline_run
+from tests.helpers import REPO
+from tests.helpers.wandb_files import read_offline_run
 
 # 800 images, 10% for validation: 720 / 32 = 23 steps per epoch, so epoch 2 is steps 24-46 and step 30
 # (a checkpoint every 5 steps) is in its middle.

@@ -7,11 +7,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from perceiver import FixedPermutation, Perceiver, ViT
-from perceiver.experiment.build import build_parts, make_model
-from tests.test_model import TINY, permute_patches, trainable
+from perceiver.experiment.build import build, build_parts, model_fields
+from perceiver.experiment.config import ConfigError
+from tests.helpers.models import TINY, permute_patches, trainable
 
 TINY_VIT = dict(image_size=8, patch_size=2, num_classes=5, embed_dim=16, depth=2, num_heads=2)
 
@@ -138,10 +139,13 @@ def test_wrong_length_is_refused() -> None:
 
 
 def test_vit_config_skips_only_perceiver_fields() -> None:
-    model = make_model(ViT, **TINY_VIT, latent_dim=16, num_iterations=2)
+    vit = {"_target_": "perceiver.models.ViT", **TINY_VIT}
+    fields = model_fields(OmegaConf.create({**vit, "latent_dim": 16, "num_iterations": 2}), TINY_VIT["num_classes"])
+    model = build("model", OmegaConf.create(fields))
     assert trainable(model) == trainable(ViT(**TINY_VIT))
-    with pytest.raises(TypeError, match="embed_dm"):
-        make_model(ViT, **TINY_VIT, embed_dm=16)
+    unknown = model_fields(OmegaConf.create({**vit, "embed_dm": 16}), TINY_VIT["num_classes"])
+    with pytest.raises(ConfigError, match="embed_dm"):
+        build("model", OmegaConf.create(unknown))
 
 
 @pytest.mark.parametrize("model", ["perceiver", "vit"])

@@ -12,21 +12,7 @@ import torch.nn.functional as F
 from perceiver import Perceiver
 from perceiver.models.perceiver import CrossAttention, SelfAttention
 from perceiver.models.position import fourier_features, patchify
-
-TINY = dict(
-    image_size=8,
-    patch_size=2,
-    num_classes=5,
-    latent_dim=6,
-    projection_dim=16,
-    num_heads=2,
-    num_transformer_blocks=2,
-    num_iterations=3,
-)
-
-
-def trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+from tests.helpers.models import TINY, permute_patches, trainable
 
 
 def keras_parameter_count(
@@ -112,19 +98,6 @@ def test_position_encodings_train(encoding: str) -> None:
     logits.square().sum().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"parameters without gradient: {missing}"
-
-
-def permute_patches(images: torch.Tensor, patch_size: int, order: torch.Tensor) -> torch.Tensor:
-    """Move whole patches around the image: patch k of the result is patch order[k] of the input."""
-    grid = images.shape[-1] // patch_size
-    out = torch.empty_like(images)
-    for k, source in enumerate(order.tolist()):
-        r, q = divmod(k, grid)
-        sr, sq = divmod(source, grid)
-        out[..., r * patch_size : (r + 1) * patch_size, q * patch_size : (q + 1) * patch_size] = images[
-            ..., sr * patch_size : (sr + 1) * patch_size, sq * patch_size : (sq + 1) * patch_size
-        ]
-    return out
 
 
 def test_without_position_encoding_the_model_ignores_patch_order() -> None:
@@ -287,7 +260,7 @@ def test_optimised_model_equals_the_straightforward_one(variant: dict) -> None:
     port in bench/straightforward.py (same weights), with dropout off: outputs and every gradient.
 
     These reorder no arithmetic, hence the tight tolerance. The folded self-attention does reassociate it; it is
-    held to a float64 reference instead (tests/test_folding.py), so it is off here."""
+    held to a float64 reference instead (tests/models/test_folding.py), so it is off here."""
     from bench.straightforward import StraightforwardPerceiver
 
     config = {**TINY, **variant, "dropout_rate": 0.0, "attention_dropout_rate": 0.0, "fold_attention_weights": False}

@@ -18,8 +18,7 @@ from perceiver.experiment import build
 from perceiver.models import Perceiver
 from perceiver.training import TrainSettings
 from perceiver.training.device import peak_signature
-from tests.conftest import REPO
-from tests.helpers import run_script, write_image_folder
+from tests.helpers import REPO, run_script, write_image_folder
 
 
 def test_the_matmul_peak_is_timed_once_per_device_and_precision_in_a_process(monkeypatch: pytest.MonkeyPatch) -> None:

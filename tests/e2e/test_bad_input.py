@@ -2,7 +2,7 @@
 process that must exit non-zero within seconds, with a message naming the problem and no traceback.
 The processes run three at a time (start-up is mostly waiting on imports), each case checked on its own.
 
-(tests/test_config.py checks more bad values in-process, through compose + build.)
+(tests/experiment/test_config.py checks more bad values in-process, through compose + build.)
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from perceiver.experiment.run import train
-from tests.conftest import CONF, REPO
-from tests.helpers import write_image_folder
+from tests.helpers import REPO, compose_config, isolated, write_image_folder
 
 SMOKE = "experiment=cpu_smoke"
 TINY = ["data.source.num_train=200", "logger=none"]
@@ -91,13 +89,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished-but-for-metrics tiny run with checkpoints, a copy whose newest checkpoint is truncated,
     a garbage .pt file, an empty folder, and an image folder with bad files and an empty class."""
     root = tmp_path_factory.mktemp("files")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("PERCEIVER_DATA_ROOT", str(root / "data"))
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(
-                "train",
-                [SMOKE, *TINY, "trainer.epochs=2", "trainer.checkpoint_every_n_steps=2", "trainer.keep_checkpoints=5"],
-            )
+    with isolated(root):
+        options = ["trainer.epochs=2", "trainer.checkpoint_every_n_steps=2", "trainer.keep_checkpoints=5"]
+        cfg = compose_config("train", SMOKE, *TINY, *options)
         (root / "run").mkdir()
         train(cfg, run_dir=root / "run")
     (root / "run" / "metrics.json").unlink()  # as if it had died during the test evaluation
