@@ -48,7 +48,7 @@ class RunSetup:
     cfg: DictConfig  # what runs: a resumed run's config is the checkpoint's, with this command's changes
     run_dir: Path  # rank 0's, shared by every rank
     context: distributed.Context  # this process's rank among the run's processes
-    device: torch.device  # this rank's device
+    device: torch.device  # this rank's device, from the config it runs
     overrides: list[str]  # the command's (a resumed run's: the original run's, then these)
     resume: TrainState | None = None
     finished: dict[str, Any] | None = None  # the metrics of a run that has finished already: nothing to do
@@ -113,10 +113,9 @@ def resolve_setup(cfg: DictConfig, run_dir: Path | None) -> RunSetup:
     """The rank and device (joining the process group under torchrun), the shared run directory, and what this
     run continues from: nothing, a checkpoint, or a run that has finished."""
     run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
-    device = configured_device(cfg)
-    context = join_process_group(cfg, device)
+    context = join_process_group(cfg, configured_device(cfg))
     run_dir = shared_run_directory(run_dir, context)
-    setup = RunSetup(cfg, run_dir, context, distributed.rank_device(device, context), job_overrides())
+    setup = RunSetup(cfg, run_dir, context, torch.device("cpu"), job_overrides())
     setup.finished = finished_job(cfg, run_dir)
     if setup.finished is not None:
         return setup
@@ -135,6 +134,7 @@ def resolve_setup(cfg: DictConfig, run_dir: Path | None) -> RunSetup:
         setup.overrides = carried_overrides(state.run.overrides, setup.overrides)  # the original run's, then these
         setup.run_dir = resume.run_dir
         log.info("resuming the run in %s from %s", resume.run_dir, resume.path)
+    setup.device = distributed.rank_device(configured_device(setup.cfg), context)  # a resumed run's device setting
     return setup
 
 

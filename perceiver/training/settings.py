@@ -69,8 +69,8 @@ class TrainSettings:
             raise ValueError("trainer.precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32")
 
     def checks_on_device(self, device: torch.device) -> bool:
-        """Whether non-finite losses and stop requests are checked on the device and read every
-        `log_every_n_steps` (perceiver/training/deferred.py) rather than with a host sync every step."""
+        """Whether the non-finite flags and stop requests are read only every `log_every_n_steps` (before a
+        checkpoint and at the epoch's end) rather than after every step (perceiver/training/deferred.py)."""
         return self.sync_free is True or (self.sync_free == "auto" and device.type == "cuda")
 
     def _check_optional_counts(self) -> None:
