@@ -110,6 +110,11 @@ class BatchAugment(nn.Module):
         """Mixup/CutMix pair images within a batch, so training batches must have an even size."""
         return self.mixup is not None
 
+    @property
+    def channels(self) -> int:
+        """The images' channels: as many as the statistics have (3 until they are set)."""
+        return self.mean.shape[1]
+
     def set_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
         channels = len(mean)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.mean.device).view(1, channels, 1, 1)
