@@ -203,9 +203,10 @@ class Classifier(
 
     def describe(self) -> dict[str, Any]:
         """What a consumer of an exported graph needs to know, as plain values (stored in its metadata)."""
+        side = self.input_size
         return {
             **self.card,
-            "input": f"uint8 (batch, {self.in_channels}, {self.input_size}, {self.input_size}), {self.colour_mode}, 0-255",
+            "input": f"uint8 (batch, {self.in_channels}, {side}, {side}), {self.colour_mode}, 0-255",
             "input_size": self.input_size,
             "image_size": self.image_size,
         }

@@ -130,7 +130,8 @@ class BatchAugment(nn.Module):
         from timm.data.auto_augment import rand_augment_transform
         from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
-        transform = rand_augment_transform(self.randaugment, dict(HPARAMS))
+        hparams = {**HPARAMS, "img_mean": HPARAMS["img_mean"][: self.channels]}  # PIL fills a grey image with one value
+        transform = rand_augment_transform(self.randaugment, hparams)
         return lambda image: pil_to_tensor(transform(to_pil_image(image)))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from perceiver.data.dataset import ArrayDataset, DataError
 
 SPLITS = {"train": "train", "test": "t10k"}
 UNSIGNED_BYTE = 0x08
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 class Family(NamedTuple):
@@ -40,7 +41,7 @@ class MnistSource:
         "mnist": Family(
             "MNIST",
             None,
-            [f"{d} - {w}" for d, w in enumerate("zero one two three four five six seven eight nine".split())],
+            [f"{d} - {w}" for d, w in enumerate(DIGITS)],
         ),
         "fashion_mnist": Family(
             "FashionMNIST",
