@@ -147,7 +147,7 @@ def example_recipe(plan: Plan) -> list[str]:
 def our_overrides(plan: Plan, recipe: Sequence[str]) -> list[str]:
     """The data, the recipe, and the bench's bookkeeping: no tracking, every checkpoint kept, caches in --out."""
     data = ["data=fashion_mnist", f"data.source.path={plan.data}", "data.source.download=false"]
-    bookkeeping = ["logger=none", f"trainer.keep_checkpoints={KEEP_CHECKPOINTS}"]
+    bookkeeping = ["logger=none", "trainer.save_checkpoints=true", f"trainer.keep_checkpoints={KEEP_CHECKPOINTS}"]
     return [*data, *recipe, *bookkeeping, f"paths.data_root={plan.work / 'data_root'}"]
 
 

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from bench import tta
+from bench.settings import SETTINGS
 from bench.tta_report import accuracy_at, best_so_far, speedup, spread, summary_table, time_to
 from perceiver.data import MnistSource
 from perceiver.data.mnist import read_idx
@@ -103,7 +104,20 @@ def test_the_table_gives_each_peer_its_medians_and_ranges_over_rounds() -> None:
     assert speedups == ["1.00x (1.00x-1.00x)", "not reached", "15.00x (10.00x-20.00x)"]
 
 
-# ----------------------------------------------------------------------------- the data
+# ----------------------------------------------------------------------------- the peers and the data
+
+
+@pytest.mark.parametrize("setting", ["fashion_mnist", "tiny"])
+def test_the_keras_peer_and_ours_train_models_of_the_same_parameter_count(setting: str) -> None:
+    from bench.keras_example import build_example
+    from perceiver import Perceiver
+
+    chosen = SETTINGS[setting]
+    images = np.random.default_rng(0).uniform(0, 255, (8, 28, 28, 1)).astype(np.float32)
+    keras_model = build_example(images, chosen, augment=True)
+    ours = Perceiver(**chosen.model_kwargs(), num_classes=10, in_channels=1)
+    keras_count = sum(int(np.prod(w.shape)) for w in keras_model.trainable_weights)
+    assert keras_count == sum(p.numel() for p in ours.parameters() if p.requires_grad)
 
 
 def test_the_tiny_data_is_written_in_the_idx_format_that_the_data_group_reads(tmp_path: Path) -> None:
