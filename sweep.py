@@ -4,6 +4,7 @@
     python sweep.py ablation=num_latents --wandb-sweep                write (and create) a native W&B sweep
     python sweep.py resume DIR                                        run the jobs of DIR that did not finish
     python sweep.py summarize DIR                                     summarise DIR again
+    python sweep.py report DIR [DIR ...] [--out PAGE.md]             one results page from finished sweeps
     python sweep.py list                                              the named grids (conf/ablation/)
 
 A grid is `python train.py --multirun` (any launcher: `hydra/launcher=parallel` runs jobs in parallel), whose
@@ -16,16 +17,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from perceiver.experiment.results import write_page
 from perceiver.experiment.summary import report
 from perceiver.experiment.sweeps import SweepError, ablations, compose_sweep, recorded_command, write_wandb_sweep
 
 TRAIN = Path(__file__).resolve().with_name("train.py")
 CONF = TRAIN.with_name("conf")
-COMMANDS = ("resume", "summarize", "list")
+COMMANDS = ("resume", "summarize", "list", "report")
 
 
 def exec_multirun(overrides: Sequence[str], sweep_dir: Path, use_wandb: bool) -> None:
@@ -52,6 +55,7 @@ def parse_arguments(args: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("words", nargs="*", metavar="overrides | resume DIR | summarize DIR | list")
     parser.add_argument("--wandb-sweep", action="store_true", help="write a native W&B sweep config instead of running")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the summary run to W&B")
+    parser.add_argument("--out", default="results.md", help="report: the page to write (its figures go beside it)")
     return parser.parse_args(args)
 
 
@@ -62,6 +66,15 @@ def sweep_directory(words: Sequence[str]) -> Path:
     if not sweep_dir.is_dir():
         raise SweepError(f"{sweep_dir} is not a directory: give the sweep directory that holds the job dirs")
     return sweep_dir
+
+
+def results_page(directories: Sequence[str], page: Path) -> int:
+    if not directories:
+        raise SweepError("usage: python sweep.py report SWEEP_DIR [SWEEP_DIR ...] [--out PAGE.md]")
+    command = shlex.join(["python", "sweep.py", "report", *directories, "--out", str(page)])
+    written = write_page([Path(d) for d in directories], page, command, CONF)
+    print("\n".join(f"wrote {path}" for path in written))
+    return 0
 
 
 def dispatch(options: argparse.Namespace) -> int:
@@ -77,6 +90,8 @@ def dispatch(options: argparse.Namespace) -> int:
             return report(sweep_dir, use_wandb)
         except FileNotFoundError as error:
             raise SweepError(str(error)) from error
+    if command == "report":
+        return results_page(words[1:], Path(options.out))
     if command == "resume":
         sweep_dir = sweep_directory(words)
         exec_multirun([*recorded_command(sweep_dir), "skip_finished=true"], sweep_dir, use_wandb)
