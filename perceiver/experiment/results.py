@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import re
+import shlex
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,14 @@ from perceiver.experiment.summary import SEED_KEY, sort_key
 from perceiver.experiment.sweeps import SweepError, parse_value, short_key, split_override
 
 SUMMARY_FILES = ("jobs.csv", "sweep.json")  # what `sweep.py summarize` writes and the report reads
-UNMERGED = ("seed", "skip_finished", "logger", "paths", "hydra")  # settings that do not change a result
+UNMERGED = (
+    "ablation",
+    "seed",
+    "skip_finished",
+    "logger",
+    "paths",
+    "hydra",
+)  # the grid's name, and what no result depends on
 INTERVAL_SE = 2  # a point's interval is its mean ± 2 standard errors
 SPREAD_CRITERION = (
     "Whether the points of an axis differ by more than its seeds do: the best and the worst point (by mean) each "
@@ -58,7 +66,7 @@ class SweepRecord:
 
     label: str  # the directory as given on the command line
     ablation: str | None
-    keys: list[str]  # the swept keys other than the seed
+    keys: list[str]  # the swept keys other than the seed, and the grid's axis even where this sweep fixed it
     axis: str | None  # the key on the x axis
     command: str | None
     fixed: tuple[str, ...]  # the other settings of its command line: sweeps merge only when they agree
@@ -156,8 +164,9 @@ def read_sweep(directory: Path) -> SweepRecord:
         raise SweepError(
             f"{directory}'s summary files are unreadable ({error}): run `sweep.py summarize` on it"
         ) from error
-    keys = list(record.get("keys") or [])
-    absent = sorted({"job", "status", "top1", *keys} - set(rows[0] if rows else []))
+    axis = record.get("axis")
+    keys = list(record.get("keys") or []) + ([axis] if axis and axis not in (record.get("keys") or []) else [])
+    absent = sorted({"job", "status", "top1", "overrides"} - set(rows[0] if rows else []))
     if not rows or absent:
         lacking = ", ".join(absent) or "jobs"
         raise SweepError(
@@ -174,7 +183,7 @@ def read_sweep(directory: Path) -> SweepRecord:
         label=str(directory),
         ablation=record.get("ablation"),
         keys=keys,
-        axis=record.get("axis"),
+        axis=axis,
         command=record.get("command"),
         fixed=fixed_settings(record.get("task") or [], keys),
         summary_run=record.get("wandb_summary_run"),
@@ -184,10 +193,11 @@ def read_sweep(directory: Path) -> SweepRecord:
 
 def job_result(sweep: str, row: dict[str, str], keys: Sequence[str]) -> JobResult:
     top1 = _number(row.get("top1"))
+    overrides = dict(split_override(o) for o in shlex.split(row["overrides"]))
     return JobResult(
         sweep=sweep,
         job=int(row["job"]),
-        point=tuple(row[key] for key in keys),
+        point=tuple(row[key] if key in row else overrides.get(key, "") for key in keys),
         seed=row.get(SEED_KEY, ""),
         status=row["status"],
         top1=100 * top1 if top1 is not None else None,

@@ -352,7 +352,7 @@ def write_record(summary: Summary, summary_run: dict[str, Any] | None) -> Path:
     record = {
         "ablation": (settings.get("ablation") or {}).get("name"),
         "keys": summary.keys,
-        "axis": summary.axis,
+        "axis": (settings.get("ablation") or {}).get("axis") or summary.axis,  # the grid's, even when not swept
         "task": list(settings["hydra"]["overrides"]["task"]) if settings else None,
         "command": shlex.join(["python", "train.py", "--multirun", *recorded_command(summary.sweep_dir)])
         if settings
