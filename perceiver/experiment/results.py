@@ -66,7 +66,7 @@ class SweepRecord:
 
     label: str  # the directory as given on the command line
     ablation: str | None
-    keys: list[str]  # the swept keys other than the seed, and the grid's axis even where this sweep fixed it
+    keys: list[str]  # the grid's axis (also where this sweep fixed it), then the other swept keys but the seed
     axis: str | None  # the key on the x axis
     command: str | None
     fixed: tuple[str, ...]  # the other settings of its command line: sweeps merge only when they agree
@@ -116,13 +116,9 @@ class Axis:
     points: list[Point] = field(default_factory=list)
     repeated: list[tuple[JobResult, JobResult]] = field(default_factory=list)  # (replaced, kept)
 
-    def key_index(self) -> int:
-        return self.keys.index(self.axis) if self.axis in self.keys else 0
-
     def line_of(self, point: Point) -> str:
-        """The point's values of the keys other than the x axis: one line of the figure each."""
-        i = self.key_index()
-        pairs = [(k, v) for j, (k, v) in enumerate(zip(self.keys, point.values, strict=True)) if j != i]
+        """The point's values of the keys other than the x axis (the first key): one line of the figure each."""
+        pairs = zip(self.keys[1:], point.values[1:], strict=True)
         return ",".join(f"{short_key(k, self.keys)}={v}" for k, v in pairs)
 
     def lines(self) -> dict[str, list[Point]]:
@@ -132,7 +128,7 @@ class Axis:
         return lines
 
     def x_value(self, point: Point) -> str:
-        return point.values[self.key_index()] if self.keys else ""
+        return point.values[0] if self.keys else ""
 
 
 # ----------------------------------------------------------------------------- reading the summary files
@@ -165,7 +161,7 @@ def read_sweep(directory: Path) -> SweepRecord:
             f"{directory}'s summary files are unreadable ({error}): run `sweep.py summarize` on it"
         ) from error
     axis = record.get("axis")
-    keys = list(record.get("keys") or []) + ([axis] if axis and axis not in (record.get("keys") or []) else [])
+    keys = ([axis] if axis else []) + [key for key in record.get("keys") or [] if key != axis]  # the x axis first
     absent = sorted({"job", "status", "top1", "overrides"} - set(rows[0] if rows else []))
     if not rows or absent:
         lacking = ", ".join(absent) or "jobs"
@@ -258,8 +254,7 @@ def merge_points(axis: Axis) -> None:
 
 def plot_order(axis: Axis, grid: list[tuple[str, ...]]) -> Any:
     """Numeric x values by size, others in grid order; then the lines in grid order."""
-    i = axis.key_index()
-    x_values = list(dict.fromkeys(values[i] for values in grid)) if axis.keys else []
+    x_values = list(dict.fromkeys(axis.x_value(Point(values)) for values in grid))
     numeric = bool(x_values) and all(sort_key(v)[0] == 0 for v in x_values)
     rank = {v: (parse_value(v) if numeric else position) for position, v in enumerate(x_values)}
     lines = list(dict.fromkeys(axis.line_of(Point(values)) for values in grid))
