@@ -52,7 +52,7 @@ def parse_arguments(args: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("words", nargs="*", metavar="overrides | resume DIR | summarize DIR | list")
+    parser.add_argument("words", nargs="*", metavar="overrides | resume DIR | summarize DIR | report DIR... | list")
     parser.add_argument("--wandb-sweep", action="store_true", help="write a native W&B sweep config instead of running")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the summary run to W&B")
     parser.add_argument("--out", default="results.md", help="report: the page to write (its figures go beside it)")

@@ -261,10 +261,16 @@ def test_an_axis_with_two_swept_keys_has_a_line_and_a_statement_per_other_value(
     for job in job_dirs(sweep_dir)[:6]:
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
         (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=perceiver", *overrides]))
+    mlp = sweep_dir / "12"  # a line whose only job failed: listed, not drawn
+    (mlp / ".hydra").mkdir(parents=True)
+    (mlp / ".hydra" / "overrides.yaml").write_text(
+        yaml.safe_dump(["model=mlp", "model.permute_inputs=false", "seed=0"])
+    )
+    (mlp / "error.txt").write_text("Traceback ...\nConfigError: no model mlp\n")
     recorded = yaml.safe_load((sweep_dir / "multirun.yaml").read_text())
-    recorded["hydra"]["overrides"]["task"].insert(1, "model=perceiver,vit")
+    recorded["hydra"]["overrides"]["task"].insert(1, "model=perceiver,vit,mlp")
     (sweep_dir / "multirun.yaml").write_text(yaml.safe_dump(recorded))
-    assert sweep.main(["summarize", str(sweep_dir), "--no-wandb"]) == 0
+    assert sweep.main(["summarize", str(sweep_dir), "--no-wandb"]) == 1  # the mlp job failed
 
     (axis,) = group_axes([read_sweep(sweep_dir)])
     ax = axis_figure(axis).axes[0]
@@ -273,6 +279,8 @@ def test_an_axis_with_two_swept_keys_has_a_line_and_a_statement_per_other_value(
     page = make_report(tmp_path, sweep_dir)
     assert "- model=perceiver: **not larger than the seed-to-seed spread**" in page
     assert "- model=vit: **larger than the seed-to-seed spread**" in page
+    assert "- model=mlp: fewer than two points have finished seeds" in page
+    assert "| 12 | `model=mlp model.permute_inputs=false seed=0` | failed | ConfigError: no model mlp |" in page
 
 
 # --- bad input -----------------------------------------------------------------------------------------

@@ -276,7 +276,7 @@ def spread_statement(points: Sequence[Point]) -> str:
     """Whether the best and the worst point differ by more than the seeds do (SPREAD_CRITERION), in words."""
     measured = [point for point in points if point.n]
     if len(measured) < 2:
-        return "only one point has finished seeds: nothing to compare."
+        return "fewer than two points have finished seeds: nothing to compare."
     freedom = sum(point.n - 1 for point in measured)
     if freedom == 0:
         return "cannot tell: no point has two seeds, so there is no seed-to-seed spread to compare with."
@@ -309,6 +309,8 @@ def axis_figure(axis: Axis) -> Any:
     lines = axis.lines()
     for number, (label, points) in enumerate(lines.items()):
         measured = [point for point in points if point.n]
+        if not measured:
+            continue
         shift = 0.0 if numeric else 0.08 * (number - (len(lines) - 1) / 2)  # categories: lines side by side
         xs = [position[axis.x_value(point)] + shift for point in measured]
         bars = ax.errorbar(

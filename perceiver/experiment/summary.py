@@ -1,6 +1,6 @@
 """Summarise a sweep directory: one row per job, mean +- std over seeds per grid point, a plot of test
 top-1 against the ablated axis, and the same tables and plot (as an image and a native W&B chart) as a W&B
-run in the sweep's group.
+run in the sweep's group; `sweep.json` records the grid, its command and that run for `sweep.py report`.
 
 Reads only what the jobs wrote (`.hydra/overrides.yaml`, `metrics.json`, `error.txt`), so it works on
 a finished, failed or half-done sweep, and again at any time later. `SweepSummary` is the Hydra callback
@@ -347,7 +347,10 @@ def write_record(summary: Summary, summary_run: dict[str, Any] | None) -> Path:
     make the results page: the grid, the command that ran it and its W&B summary run (an earlier one is kept
     when this summary made none, e.g. `summarize --no-wandb`)."""
     path = summary.sweep_dir / "sweep.json"
-    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        earlier = {}  # a damaged record is written anew
     settings = summary.settings
     record = {
         "ablation": (settings.get("ablation") or {}).get("name"),
