@@ -7,9 +7,7 @@
     python sweep.py report DIR [DIR ...] [--out PAGE.md]             one results page from finished sweeps
     python sweep.py list                                              the named grids (conf/ablation/)
 
-A grid is `python train.py --multirun` (any launcher: `hydra/launcher=parallel` runs jobs in parallel), whose
-summary callback writes the tables and plot; a job whose directory holds its metrics.json is skipped, which
-is what makes resuming work.
+A grid is `python train.py --multirun` (any launcher); its summary callback writes the tables, plot and sweep.json.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,9 +31,8 @@ COMMANDS = ("resume", "summarize", "list", "report")
 def exec_multirun(overrides: Sequence[str], sweep_dir: Path, use_wandb: bool) -> None:
     """Become `python train.py --multirun ...`: the grid runs, and is stopped, as that one process."""
     print(f"sweep dir: {sweep_dir}  (resume with: python sweep.py resume {sweep_dir})", flush=True)
-    arguments = ["--multirun", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    if not use_wandb:
-        arguments.append("hydra.callbacks.sweep_summary.log_to_wandb=false")
+    no_wandb = [] if use_wandb else ["hydra.callbacks.sweep_summary.log_to_wandb=false"]
+    arguments = ["--multirun", *overrides, f"hydra.sweep.dir={sweep_dir}", *no_wandb]
     os.execv(sys.executable, [sys.executable, str(TRAIN), *arguments])
 
 
@@ -62,36 +58,25 @@ def parse_arguments(args: Sequence[str] | None) -> argparse.Namespace:
 def sweep_directory(words: Sequence[str]) -> Path:
     if len(words) != 2:
         raise SweepError(f"usage: python sweep.py {words[0]} SWEEP_DIR")
-    sweep_dir = Path(words[1])
-    if not sweep_dir.is_dir():
+    if not (sweep_dir := Path(words[1])).is_dir():
         raise SweepError(f"{sweep_dir} is not a directory: give the sweep directory that holds the job dirs")
     return sweep_dir
-
-
-def results_page(directories: Sequence[str], page: Path) -> int:
-    if not directories:
-        raise SweepError("usage: python sweep.py report SWEEP_DIR [SWEEP_DIR ...] [--out PAGE.md]")
-    command = shlex.join(["python", "sweep.py", "report", *directories, "--out", str(page)])
-    written = write_page([Path(d) for d in directories], page, command, CONF)
-    print("\n".join(f"wrote {path}" for path in written))
-    return 0
 
 
 def dispatch(options: argparse.Namespace) -> int:
     words, use_wandb = options.words, not options.no_wandb
     command = words[0] if words and words[0] in COMMANDS else None
     if command == "list":
-        for name, comment in ablations(CONF).items():
-            print(f"{name:24s} {comment}")
+        print("\n".join(f"{name:24s} {comment}" for name, comment in ablations(CONF).items()))
         return 0
+    if command == "report":  # the page names this command, and the one that ran each sweep
+        return write_page(words[1:], Path(options.out), CONF, program="python sweep.py")
     if command == "summarize":
         sweep_dir = sweep_directory(words)
         try:
             return report(sweep_dir, use_wandb)
         except FileNotFoundError as error:
             raise SweepError(str(error)) from error
-    if command == "report":
-        return results_page(words[1:], Path(options.out))
     if command == "resume":
         sweep_dir = sweep_directory(words)
         exec_multirun([*recorded_command(sweep_dir), "skip_finished=true"], sweep_dir, use_wandb)

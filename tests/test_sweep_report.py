@@ -48,6 +48,7 @@ def real_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "seed=0,1",
             *TINY,
             f"hydra.sweep.dir={sweep_dir}",
+            timeout=1200,  # a safety net only: six tiny jobs, but on a machine that may be busy
         )
     assert result.returncode != 0, "a sweep with failed jobs must not exit 0"
     assert [p.name for p in job_dirs(sweep_dir)] == ["0", "1", "2", "3", "4", "5"], result.stderr[-3000:]
@@ -109,7 +110,7 @@ def test_the_page_of_a_real_sweep_matches_a_recomputation_from_its_jobs(real_swe
         assert "model.latent_dim=-4 is invalid" in row[4]
 
     recorded = yaml.safe_load((real_sweep / "multirun.yaml").read_text())["hydra"]["overrides"]["task"]
-    assert f"`python train.py --multirun {' '.join(recorded)}`" in page  # the sweep's own command
+    assert f"`python sweep.py {' '.join(recorded)}`" in page  # the sweep's own command line, which runs it again
     assert f"`python sweep.py report {committed} --out {tmp_path / 'page' / 'results.md'}`" in page
     assert "(4 finished, 2 failed, 0 incomplete)" in page and "no W&B summary run recorded" in page
     assert "**The paper:** On ImageNet more latents are better" in page
@@ -123,7 +124,7 @@ def test_the_page_of_a_real_sweep_matches_a_recomputation_from_its_jobs(real_swe
 
 @pytest.mark.slow
 def test_the_figure_has_one_error_bar_per_point_and_a_dot_per_seed(real_sweep: Path) -> None:
-    (axis,) = group_axes([read_sweep(real_sweep)])
+    (axis,) = group_axes([read_sweep(real_sweep, "python sweep.py")])
     ax = axis_figure(axis).axes[0]
     (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     xs, means = bars.lines[0].get_data()
@@ -195,7 +196,7 @@ def write_sweep(
 
 
 def statement(tmp_path: Path, points: dict[str, Sequence[float]]) -> str:
-    (axis,) = group_axes([read_sweep(write_sweep(tmp_path / "sweep", points))])
+    (axis,) = group_axes([read_sweep(write_sweep(tmp_path / "sweep", points), "python sweep.py")])
     return spread_statement(axis.points)
 
 
@@ -272,7 +273,7 @@ def test_an_axis_with_two_swept_keys_has_a_line_and_a_statement_per_other_value(
     (sweep_dir / "multirun.yaml").write_text(yaml.safe_dump(recorded))
     assert sweep.main(["summarize", str(sweep_dir), "--no-wandb"]) == 1  # the mlp job failed
 
-    (axis,) = group_axes([read_sweep(sweep_dir)])
+    (axis,) = group_axes([read_sweep(sweep_dir, "python sweep.py")])
     ax = axis_figure(axis).axes[0]
     assert len([c for c in ax.containers if isinstance(c, ErrorbarContainer)]) == 2
     assert sum(len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection)) == 12

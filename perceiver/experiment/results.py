@@ -68,7 +68,7 @@ class SweepRecord:
     ablation: str | None
     keys: list[str]  # the grid's axis (also where this sweep fixed it), then the other swept keys but the seed
     axis: str | None  # the key on the x axis
-    command: str | None
+    overrides: list[str] | None  # the command line that ran it (and runs it again), without its program
     fixed: tuple[str, ...]  # the other settings of its command line: sweeps merge only when they agree
     summary_run: dict[str, Any] | None
     jobs: list[JobResult]
@@ -138,19 +138,19 @@ def _number(text: str | None, kind: type = float) -> Any:
     return kind(float(text)) if text not in (None, "") else None
 
 
-def read_sweep(directory: Path) -> SweepRecord:
-    """A sweep's record from its summary files; SweepError with what to do when they are missing or empty."""
+def read_sweep(directory: Path, program: str) -> SweepRecord:
+    """A sweep's record from its summary files; SweepError with what to do (with `program`, the sweep command
+    that called, e.g. `python sweep.py`) when they are missing or empty."""
     if not directory.is_dir():
         raise SweepError(f"{directory} is not a directory: give finished sweep directories (outputs/sweeps/NAME_...)")
     missing = [name for name in SUMMARY_FILES if not (directory / name).is_file()]
     if missing:
         if (directory / "multirun.yaml").is_file() or any(directory.glob("*/.hydra/overrides.yaml")):
             raise SweepError(
-                f"{directory} lacks {', '.join(missing)}: write them with `python sweep.py summarize {directory}`"
+                f"{directory} lacks {', '.join(missing)}: write them with `{program} summarize {directory}`"
             )
         raise SweepError(
-            f"{directory} is not a sweep directory (no {', '.join(SUMMARY_FILES)}): give one made by sweep.py or "
-            "train.py --multirun"
+            f"{directory} is not a sweep directory (no {', '.join(SUMMARY_FILES)}): give one made by `{program}`"
         )
     try:
         record = json.loads((directory / "sweep.json").read_text())
@@ -158,21 +158,19 @@ def read_sweep(directory: Path) -> SweepRecord:
             rows = list(csv.DictReader(handle))
     except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as error:
         raise SweepError(
-            f"{directory}'s summary files are unreadable ({error}): run `sweep.py summarize` on it"
+            f"{directory}'s summary files are unreadable ({error}): run `{program} summarize {directory}`"
         ) from error
     axis = record.get("axis")
     keys = ([axis] if axis else []) + [key for key in record.get("keys") or [] if key != axis]  # the x axis first
     absent = sorted({"job", "status", "top1", "overrides"} - set(rows[0] if rows else []))
     if not rows or absent:
         lacking = ", ".join(absent) or "jobs"
-        raise SweepError(
-            f"{directory}/jobs.csv lacks {lacking}: rewrite it with `python sweep.py summarize {directory}`"
-        )
+        raise SweepError(f"{directory}/jobs.csv lacks {lacking}: rewrite it with `{program} summarize {directory}`")
     jobs = [job_result(str(directory), row, keys) for row in rows]
     if not any(job.status == "finished" for job in jobs):
         statuses = ", ".join(f"{sum(j.status == s for j in jobs)} {s}" for s in ("failed", "incomplete"))
         raise SweepError(
-            f"{directory} has no finished job ({statuses}): resume it with `python sweep.py resume {directory}`, "
+            f"{directory} has no finished job ({statuses}): resume it with `{program} resume {directory}`, "
             "or leave it out of the report"
         )
     return SweepRecord(
@@ -180,7 +178,7 @@ def read_sweep(directory: Path) -> SweepRecord:
         ablation=record.get("ablation"),
         keys=keys,
         axis=axis,
-        command=record.get("command"),
+        overrides=record.get("overrides"),
         fixed=fixed_settings(record.get("task") or [], keys),
         summary_run=record.get("wandb_summary_run"),
         jobs=jobs,
@@ -382,9 +380,9 @@ def left_out_table(axis: Axis) -> list[str]:
     return [*lines, ""]
 
 
-def sweep_line(record: SweepRecord) -> str:
+def sweep_line(record: SweepRecord, program: str) -> str:
     counts = ", ".join(f"{record.count(s)} {s}" for s in ("finished", "failed", "incomplete"))
-    command = f"`{record.command}`" if record.command else "command not recorded (no multirun.yaml)"
+    ran = f"`{program} {shlex.join(record.overrides)}`" if record.overrides is not None else "no recorded command"
     run = record.summary_run
     if not run:
         where = "no W&B summary run recorded"
@@ -393,14 +391,14 @@ def sweep_line(record: SweepRecord) -> str:
     else:
         where = f"W&B summary run `{run['run_id']}` ({run.get('mode')}: `wandb sync` uploads it)"
         where += f" in group `{run.get('group')}`"
-    return f"- `{record.label}` ({counts}): {command}; {where}"
+    return f"- `{record.label}` ({counts}): {ran}; {where}"
 
 
 def point_label(axis: Axis, job: JobResult) -> str:
     return ",".join(f"{short_key(k, axis.keys)}={v}" for k, v in zip(axis.keys, job.point, strict=True))
 
 
-def axis_section(axis: Axis, figure: str | None, paper: str | None) -> list[str]:
+def axis_section(axis: Axis, figure: str | None, paper: str | None, program: str) -> list[str]:
     settings = " ".join(axis.fixed) or "the defaults"
     lines = [f"## {axis.name}", "", f"x axis `{axis.axis or '-'}`; other settings: `{settings}`.", ""]
     if paper:
@@ -420,11 +418,11 @@ def axis_section(axis: Axis, figure: str | None, paper: str | None) -> list[str]
         )
     if axis.repeated:
         lines.append("")
-    lines += ["Sweeps:", "", *[sweep_line(record) for record in axis.sweeps], ""]
+    lines += ["Sweeps:", "", *[sweep_line(record, program) for record in axis.sweeps], ""]
     return lines
 
 
-def page_text(axes: Sequence[Axis], figures: dict[str, str], papers: dict[str, str], command: str) -> str:
+def page_text(axes: Sequence[Axis], figures: dict[str, str], papers: dict[str, str], program: str, command: str) -> str:
     lines = [
         "# Ablation results",
         "",
@@ -437,7 +435,7 @@ def page_text(axes: Sequence[Axis], figures: dict[str, str], papers: dict[str, s
         "",
     ]
     for axis in axes:
-        lines += axis_section(axis, figures.get(axis.name), papers.get(axis.sweeps[0].ablation or ""))
+        lines += axis_section(axis, figures.get(axis.name), papers.get(axis.sweeps[0].ablation or ""), program)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -451,9 +449,13 @@ def paper_findings(conf_dir: Path) -> dict[str, str]:
     return findings
 
 
-def write_page(directories: Sequence[Path], page: Path, command: str, conf_dir: Path) -> list[Path]:
-    """The page and one figure per axis beside it (PAGE-STEM_AXIS.png); returns the files written."""
-    axes = group_axes([read_sweep(Path(directory)) for directory in directories])
+def write_page(directories: Sequence[str], page: Path, conf_dir: Path, program: str) -> int:
+    """The page of the sweeps in `directories` and one figure per axis beside it (PAGE-STEM_AXIS.png). `program`
+    is the sweep command that called (`python sweep.py`): the page names it with the sweeps' own command lines."""
+    if not directories:
+        raise SweepError(f"usage: {program} report SWEEP_DIR [SWEEP_DIR ...] [--out PAGE.md]")
+    axes = group_axes([read_sweep(Path(directory), program) for directory in directories])
+    command = f"{program} report {shlex.join([*directories, '--out', str(page)])}"
     page.parent.mkdir(parents=True, exist_ok=True)
     figures, written = {}, []
     for axis in axes:
@@ -461,5 +463,6 @@ def write_page(directories: Sequence[Path], page: Path, command: str, conf_dir: 
         axis_figure(axis).savefig(path, dpi=120)
         figures[axis.name] = path.name
         written.append(path)
-    page.write_text(page_text(axes, figures, paper_findings(conf_dir), command))
-    return [page, *written]
+    page.write_text(page_text(axes, figures, paper_findings(conf_dir), program, command))
+    print("\n".join(f"wrote {path}" for path in [page, *written]))
+    return 0
