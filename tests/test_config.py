@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,8 +15,8 @@ from omegaconf import DictConfig
 from perceiver import Perceiver, ViT
 from perceiver.experiment.build import build_parts
 from perceiver.experiment.config import ConfigError
-from tests.conftest import CONF
-from tests.helpers import write_image_folder
+from tests.conftest import CONF, REPO
+from tests.helpers import environment, write_image_folder
 
 GROUPS = ["model", "data", "augmentation", "optimizer", "scheduler", "logger", "experiment"]
 
@@ -132,3 +135,32 @@ def test_cifar_without_download_and_without_files_fails_before_any_work(
 def test_unknown_group_option_is_hydras_error(compose_config: Callable[..., DictConfig]) -> None:
     with pytest.raises(MissingConfigException, match="optimizer"):
         compose_config("optimizer=adamax_typo")
+
+
+@pytest.mark.slow
+def test_hydras_compose_api_composes_the_config_in_a_fresh_interpreter_and_builds_the_default_model() -> None:
+    """A notebook's or a script's way in: nothing of this project imported first (Hydra's plugin scan registers
+    the trainer schema). 9,697,637 parameters: the Keras example's count for its CIFAR-100 model."""
+    code = textwrap.dedent(
+        f"""
+        from hydra import compose, initialize_config_dir
+        from hydra.errors import ConfigCompositionException
+        from hydra.utils import instantiate
+
+        with initialize_config_dir(config_dir={str(CONF)!r}, version_base=None):
+            cfg = compose("train")
+            try:
+                compose("train", overrides=["trainer.epochs=abc"])
+                checked = "unchecked"
+            except ConfigCompositionException:
+                checked = "checked"  # the schema's type for trainer.epochs
+        model = instantiate(cfg.model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(type(model).__module__, type(model).__name__, trainable, cfg.trainer.epochs, checked)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["perceiver.models.perceiver", "Perceiver", "9697637", "50", "checked"]
