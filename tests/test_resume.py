@@ -5,7 +5,6 @@ deterministic mode), and the W&B run must go on under the same id without loggin
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.helpers import environment
 from tests.wandb_files import read_offline_run
 
 # 800 images, 10% for validation: 720 / 32 = 23 steps per epoch, so epoch 2 is steps 24-46 and step 30
@@ -76,7 +76,7 @@ def resume(run_dir: Path) -> str:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("uninterrupted")
-    env = {**os.environ, "PERCEIVER_DATA_ROOT": str(root / "data"), "WANDB_MODE": "disabled"}
+    env = environment(PERCEIVER_DATA_ROOT=str(root / "data"), WANDB_MODE="disabled")
     process = start(root / "run", "logger=none", env=env)
     output = finish(process)
     assert process.returncode == 0, output[-3000:]
