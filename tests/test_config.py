@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from omegaconf import DictConfig
 
 from perceiver import Perceiver, ViT
 from perceiver.experiment.build import build_parts
-from perceiver.experiment.config import ConfigError
+from perceiver.experiment.config import ConfigError, allowed_target, check_targets
 from tests.conftest import CONF, REPO
 from tests.helpers import environment, write_image_folder
 
@@ -164,3 +165,29 @@ def test_hydras_compose_api_composes_the_config_in_a_fresh_interpreter_and_build
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["perceiver.models.perceiver", "Perceiver", "9697637", "50", "checked"]
+
+
+def test_every_target_the_configs_name_may_be_read_back_from_a_file() -> None:
+    """A checkpoint's config is checked against the allowlist on resume: every `_target_` of conf/ must pass."""
+    named = {m for path in CONF.rglob("*.yaml") for m in re.findall(r"_target_:\s*(\S+)", path.read_text())}
+    assert len(named) >= 10 and [t for t in sorted(named) if not allowed_target(t)] == []
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "builtins.open",
+        "pathlib.Path.unlink",
+        "os.remove",
+        "perceiver.files.os.remove",  # a module attribute that is os.remove
+        "perceiver.models.perceiver.torch.save",
+        "perceiver.files.write_text_atomic",  # this project's, but a function that writes a file it is given
+        "torch.optim.lr_scheduler.os.system",
+        "perceiver",
+        "no.such.module",
+    ],
+)
+def test_a_config_from_a_file_may_not_name_other_code(target: str) -> None:
+    assert not allowed_target(target)
+    with pytest.raises(ConfigError, match=f"scheduler._target_='{re.escape(target)}' is refused"):
+        check_targets({"model": {"_target_": "perceiver.models.Perceiver"}, "scheduler": {"_target_": target}}, "x")

@@ -8,6 +8,7 @@ values it takes are still checked by `TrainSettings` itself (positive, one of, .
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from typing import Any, Union
@@ -18,10 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from perceiver.training.settings import TrainSettings
 
-# What a config read back from a file (a checkpoint's, a run's, a sweep's multirun.yaml) may instantiate: this
-# project's classes and functions, and the optimizers and schedulers of torch and timm. Anything else, whatever
-# Hydra itself would allow, is refused naming it: a config from a file is data, never code.
+# What a config read back from a file (a checkpoint's, a run's, a sweep's multirun.yaml) may instantiate: the
+# classes of this project and the optimizers and schedulers of torch and timm, and the optimizer factories (the
+# functions of the modules below; this project's other functions, perceiver.files' writers among them, are not).
+# Anything else, whatever Hydra itself would allow, is refused naming it: a config from a file is data, never code.
 ALLOWED_TARGET_PACKAGES = ("perceiver", "torch.optim", "timm.optim", "timm.scheduler")
+ALLOWED_FUNCTION_MODULES = ("perceiver.training.optimizers", "timm.optim")
 TRAINER_SCHEMA = "trainer_schema"  # conf/train.yaml's defaults list merges it under `trainer`
 NUMBER_FIELDS = {"optimizer": ("lr", "weight_decay", "momentum", "eps")}  # `_target_` groups: no schema
 
@@ -106,22 +109,26 @@ def composition_message(error: BaseException, options_label: str = "choose one o
     return " ".join(" ".join(filter(None, [message, str(cause or "")])).split())
 
 
-def _in_allowed_package(name: object) -> bool:
-    return isinstance(name, str) and any(name == p or name.startswith(f"{p}.") for p in ALLOWED_TARGET_PACKAGES)
+def _within(name: object, packages: tuple[str, ...]) -> bool:
+    return isinstance(name, str) and any(name == p or name.startswith(f"{p}.") for p in packages)
 
 
 def allowed_target(target: object) -> bool:
-    """True for a class or function of ALLOWED_TARGET_PACKAGES, by its name and by what the name resolves to (so
-    that `perceiver.files.os.remove` is refused). Only names inside the allowlist are ever imported."""
-    if not _in_allowed_package(target):
+    """True for a class of ALLOWED_TARGET_PACKAGES or a function of ALLOWED_FUNCTION_MODULES, judged by its name
+    and by what the name resolves to (`perceiver.files.os.remove` is os.remove: refused). Only names inside the
+    allowed packages are ever imported."""
+    if not _within(target, ALLOWED_TARGET_PACKAGES):
         return False
-    from hydra.utils import get_object
+    from hydra._internal.utils import _locate  # what instantiate resolves; hydra.utils.get_object also logs errors
 
     try:
-        found = get_object(str(target))
+        found = _locate(str(target))
     except Exception:  # an unknown name: nothing of it may run
         return False
-    return callable(found) and _in_allowed_package(getattr(found, "__module__", None))
+    module = getattr(found, "__module__", None)
+    if inspect.isclass(found):
+        return _within(module, ALLOWED_TARGET_PACKAGES)
+    return inspect.isfunction(found) and _within(module, ALLOWED_FUNCTION_MODULES)
 
 
 def targets(node: Any, path: str = "") -> list[tuple[str, object]]:
@@ -147,7 +154,8 @@ def check_targets(config: Any, source: str) -> None:
         if not allowed_target(target):
             raise ConfigError(
                 f"{source}: {where}={target!r} is refused: a config read from a file may only instantiate classes "
-                f"and functions of {', '.join(ALLOWED_TARGET_PACKAGES)}. Do not use a file you do not trust"
+                f"of {', '.join(ALLOWED_TARGET_PACKAGES)} and the optimizer factories of "
+                f"{', '.join(ALLOWED_FUNCTION_MODULES)}. Do not use a file you do not trust"
             )
 
 
