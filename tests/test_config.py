@@ -100,7 +100,7 @@ def test_imagefolder_takes_its_class_count_from_the_folder(
         (["data.source.num_train=0"], ["data.source.num_train=0"]),
         (["data.val_fraction=1.5"], ["data.val_fraction=1.5", "(0, 1)"]),
         (["seed=abc"], ["seed='abc'"]),
-        (["optimizer.lr=-1"], ["optimizer: Invalid learning rate: -1"]),
+        (["optimizer.lr=-1"], ["optimizer.lr=-1", "positive number"]),  # issue 21: named, before the model is built
         (["optimizer.opt=adamx"], ["optimizer: Optimizer adamx not found"]),
         (["+trainer.epoch=3"], ["unknown trainer setting(s) epoch", "epochs"]),
     ],
