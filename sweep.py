@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from perceiver.experiment.config import ConfigError
 from perceiver.experiment.results import write_page
 from perceiver.experiment.summary import report
 from perceiver.experiment.sweeps import SweepError, ablations, compose_sweep, recorded_command, write_wandb_sweep
@@ -75,7 +76,7 @@ def dispatch(options: argparse.Namespace) -> int:
         sweep_dir = sweep_directory(words)
         try:
             return report(sweep_dir, use_wandb)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ConfigError) as error:
             raise SweepError(str(error)) from error
     if command == "resume":
         sweep_dir = sweep_directory(words)

@@ -2,32 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import perceiver.experiment.config  # noqa: F401 - registers the config schemas that conf/train.yaml names
+from tests.helpers import isolated
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The caller's environment never reaches a test, a module's fixtures (made before each test's) included."""
+    with isolated(tmp_path_factory.mktemp("session-home")):
+        yield
+
+
 @pytest.fixture(autouse=True)
-def isolated_environment(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep data caches and W&B files out of the home directory; never reach a W&B server."""
-    home = tmp_path_factory.mktemp("home")
-    monkeypatch.setenv("PERCEIVER_DATA_ROOT", str(home / "data"))
-    monkeypatch.setenv("WANDB_DIR", str(home / "wandb"))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "wandb-config"))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(home / "wandb-cache"))
-    monkeypatch.setenv("WANDB_DATA_DIR", str(home / "wandb-data"))  # staged artifact files
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("NETRC", str(home / "netrc"))
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
+def isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each test's data caches and W&B files below a home of its own; no W&B server."""
+    with isolated(tmp_path_factory.mktemp("home")):
+        yield
 
 
 @pytest.fixture

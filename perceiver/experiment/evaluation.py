@@ -22,7 +22,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from perceiver.data import ArrayDataset, DataError, make_loader, split_validation
 from perceiver.experiment.build import build
-from perceiver.experiment.config import ConfigError
+from perceiver.experiment.config import ConfigError, check_targets
 from perceiver.experiment.report import Observations, per_class_rows, write_evaluation_files, write_predictions
 from perceiver.experiment.run import job_overrides
 from perceiver.files import write_text_atomic
@@ -95,6 +95,7 @@ def data_config(cfg: DictConfig, trained: TrainedRun) -> DictConfig:
         own = trained.config.get("data")
         if not own:
             raise ConfigError(f"{trained.run_dir} records no data set; give one: data=imagefolder data.source.path=DIR")
+        check_targets(own, f"the data config of {trained.model_file}")
         return OmegaConf.create(own)
     try:
         chosen = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)

@@ -25,6 +25,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from perceiver.experiment.config import check_targets
 from perceiver.experiment.sweeps import (
     parse_value,
     recorded_command,
@@ -373,6 +374,7 @@ def logger_factory(logger: Any) -> Any:
         from perceiver.experiment.tracking import WandbTracker
 
         return lambda **kwargs: WandbTracker(mode="auto", **kwargs)
+    check_targets({"logger": logger}, "the sweep's config (multirun.yaml)")
     return instantiate(OmegaConf.create(logger) if isinstance(logger, dict) else logger)
 
 

@@ -38,11 +38,11 @@ from perceiver.training.settings import TrainSettings
 from perceiver.training.signals import StopSignals, TrainingInterrupted
 from perceiver.training.state import BestModel, CheckpointError, RunRecord, TrainState, restore_rng
 from perceiver.training.stopping import (
-    DIVERGENCE_ADVICE,
     EarlyStopping,
     NonFiniteLossError,
     check_epoch_trained,
     check_some_epoch_was_finite,
+    divergence_advice,
     step_is_finite,
     warn_skipped,
 )
@@ -381,7 +381,7 @@ class _Fit:
             self.read_checks(description)  # an epoch's last steps, where its length is not known
         except NonFiniteLossError as error:
             raise self.diverged(error, current) from None
-        check_epoch_trained(epoch, current.metrics.count, current.metrics.skipped)
+        check_epoch_trained(epoch, current.metrics.count, current.metrics.skipped, self.settings.precision)
         return current
 
     def end_epoch(self, current: EpochProgress, val_loader: Iterable) -> None:
@@ -515,7 +515,8 @@ class _Fit:
         path = self.save(current.epoch, error.batch - 1, current.state_dict())
         where = f"saved in {path}" if path else "not saved (trainer.save_checkpoints=false)"
         of = f" of {self.batches_per_epoch}" if self.batches_per_epoch else ""
-        advice = DIVERGENCE_ADVICE[0].upper() + DIVERGENCE_ADVICE[1:]
+        advice = divergence_advice(self.settings.precision)
+        advice = advice[0].upper() + advice[1:]
         return NonFiniteLossError(
             f"the training loss became {error.value} at epoch {current.epoch}, step {self.global_step + 1} "
             f"(batch {error.batch}{of}); the last good state is {where}. {advice} and start again, "
@@ -548,7 +549,7 @@ class _Fit:
         }
 
     def result(self) -> FitResult:
-        check_some_epoch_was_finite(self.stopper.best_epoch, self.history)
+        check_some_epoch_was_finite(self.stopper.best_epoch, self.history, self.settings.precision)
         self.parts.model.load_state_dict(self.best_state)
         best = next(row for row in self.history if row["epoch"] == self.stopper.best_epoch)
         return FitResult(

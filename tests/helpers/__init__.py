@@ -1,13 +1,16 @@
-"""What several test files share: real image folders written on the spot, running the entry points as a
-user does, and reading what a sweep left behind."""
+"""What several test files share: the environment every test runs in, real image folders written on the spot,
+running the entry points as a user does, and reading what a sweep left behind."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from tests.wandb_files import read_offline_run
@@ -15,6 +18,28 @@ from tests.wandb_files import read_offline_run
 REPO = Path(__file__).resolve().parents[2]
 
 Colour = Callable[[int, int], tuple[int, int, int]]
+CALLER_PREFIXES = ("HYDRA_", "WANDB_", "PERCEIVER_")  # the caller's settings of Hydra, W&B and this project
+
+
+@contextlib.contextmanager
+def isolated(root: Path) -> Iterator[pytest.MonkeyPatch]:
+    """The environment tests run in, whatever the caller's holds: none of the caller's Hydra, W&B or project
+    variables; data caches, W&B files (artifact staging too) and credentials below `root`; no W&B server.
+    tests/conftest.py applies it to the session and to each test, fixtures with a root of their own too."""
+    with pytest.MonkeyPatch.context() as env:
+        for name in [name for name in os.environ if name.startswith(CALLER_PREFIXES)]:
+            env.delenv(name)
+        env.setenv("PERCEIVER_DATA_ROOT", str(root / "data"))
+        for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+            env.setenv(name, str(root / name.lower()))
+        env.setenv("WANDB_SILENT", "true")
+        env.setenv("NETRC", str(root / "netrc"))
+        yield env
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """The environment a test's subprocess gets: the test's own (isolated) one with `extra` on top."""
+    return {**os.environ, **extra}
 
 
 def write_image_folder(
@@ -37,7 +62,12 @@ def write_image_folder(
 def run_script(script: str, *arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGUMENTS...` from the repository root, as a user runs it; output captured."""
     return subprocess.run(
-        [sys.executable, script, *arguments], cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [sys.executable, script, *arguments],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -1,35 +1,20 @@
 """Tiny trained runs for the tests of what comes after training (load, evaluate, predict, export, fine-tune), made
-once per test module with the environment isolated as `tests/conftest.py` isolates each test."""
+once per test module with the environment isolated (`tests.helpers.isolated`) below a root of their own."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from tests.conftest import CONF
+from tests.helpers import isolated
+
+__all__ = ["compose_config", "isolated", "train_run"]
 
 SMOKE = ("experiment=cpu_smoke", "trainer.epochs=2")
-
-
-@contextlib.contextmanager
-def isolated(root: Path) -> Iterator[pytest.MonkeyPatch]:
-    """Data caches, W&B files (artifact staging too) and credentials below `root`, for module-scoped fixtures
-    that run before the per-test isolation applies."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("PERCEIVER_DATA_ROOT", str(root / "data"))
-        for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-            env.setenv(name, str(root / name.lower()))
-        env.setenv("WANDB_SILENT", "true")
-        env.setenv("NETRC", str(root / "netrc"))
-        env.delenv("WANDB_API_KEY", raising=False)
-        env.delenv("WANDB_MODE", raising=False)
-        yield env
 
 
 def compose_config(name: str, *overrides: str) -> DictConfig:
