@@ -179,7 +179,7 @@ def read_sweep(directory: Path, program: str) -> SweepRecord:
         keys=keys,
         axis=axis,
         overrides=record.get("overrides"),
-        fixed=fixed_settings(record.get("task") or [], keys),
+        fixed=fixed_settings(record.get("overrides") or [], keys),
         summary_run=record.get("wandb_summary_run"),
         jobs=jobs,
     )
@@ -202,10 +202,10 @@ def job_result(sweep: str, row: dict[str, str], keys: Sequence[str]) -> JobResul
     )
 
 
-def fixed_settings(task: Sequence[str], keys: Sequence[str]) -> tuple[str, ...]:
+def fixed_settings(overrides: Sequence[str], keys: Sequence[str]) -> tuple[str, ...]:
     """The command line's settings other than the swept keys, the seed and those that do not change a result."""
     fixed = []
-    for override in task:
+    for override in overrides:
         key = split_override(override)[0]
         if key not in keys and key.split(".")[0].split("/")[0] not in UNMERGED:
             fixed.append(override)

@@ -357,7 +357,6 @@ def write_record(summary: Summary, summary_run: dict[str, Any] | None) -> Path:
         "ablation": (settings.get("ablation") or {}).get("name"),
         "keys": summary.keys,
         "axis": (settings.get("ablation") or {}).get("axis") or summary.axis,  # the grid's, even when not swept
-        "task": list(settings["hydra"]["overrides"]["task"]) if settings else None,
         "overrides": recorded_command(summary.sweep_dir) if settings else None,  # the sweep's command line
         "wandb_summary_run": summary_run or earlier.get("wandb_summary_run"),
     }
