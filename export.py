@@ -27,14 +27,30 @@ def default_output(run: str, format: str) -> Path:
     return base / "export" / NAMES[format]
 
 
+def check_writable(output: Path, folder: bool) -> None:
+    """Exit with one line naming `output=` when the export could not be written there."""
+    where = output if folder else output.parent
+    probe = where / f".{output.name}.probe"
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        reason = "a file is in the way" if isinstance(error, FileExistsError) else error.strerror or str(error)
+        cli.fail(
+            f"output={output} cannot be written ({reason}: {error.filename or where}); give a writable output=PATH", 2
+        )
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="export")
 def main(cfg: DictConfig) -> None:
     cli.require(cfg, "run", "give run=DIR (a run directory, a sweep job directory or a best.pt)")
     if cfg.format not in NAMES:
         cli.fail(f"format={cfg.format!r} is invalid: choose one of {', '.join(NAMES)}", 2)
     try:
-        classifier = load_run(cfg.run, device="cpu")
         output = Path(cfg.output).expanduser() if cfg.output else default_output(cfg.run, cfg.format)
+        check_writable(output, folder=cfg.format == "safetensors")  # before the conversion, which takes seconds
+        classifier = load_run(cfg.run, device="cpu")
         if cfg.format == "safetensors":
             classifier.save_pretrained(output, repo_id=cfg.push_to_hub, push_to_hub=bool(cfg.push_to_hub))
         else:

@@ -4,11 +4,10 @@
     python sweep.py ablation=num_latents --wandb-sweep                write (and create) a native W&B sweep
     python sweep.py resume DIR                                        run the jobs of DIR that did not finish
     python sweep.py summarize DIR                                     summarise DIR again
+    python sweep.py report DIR [DIR ...] [--out PAGE.md]             one results page from finished sweeps
     python sweep.py list                                              the named grids (conf/ablation/)
 
-A grid is `python train.py --multirun` (any launcher: `hydra/launcher=parallel` runs jobs in parallel), whose
-summary callback writes the tables and plot; a job whose directory holds its metrics.json is skipped, which
-is what makes resuming work.
+A grid is `python train.py --multirun` (any launcher); its summary callback writes the tables, plot and sweep.json.
 """
 
 from __future__ import annotations
@@ -20,20 +19,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from perceiver.experiment.config import ConfigError
+from perceiver.experiment.results import write_page
 from perceiver.experiment.summary import report
 from perceiver.experiment.sweeps import SweepError, ablations, compose_sweep, recorded_command, write_wandb_sweep
 
 TRAIN = Path(__file__).resolve().with_name("train.py")
 CONF = TRAIN.with_name("conf")
-COMMANDS = ("resume", "summarize", "list")
+COMMANDS = ("resume", "summarize", "list", "report")
 
 
 def exec_multirun(overrides: Sequence[str], sweep_dir: Path, use_wandb: bool) -> None:
     """Become `python train.py --multirun ...`: the grid runs, and is stopped, as that one process."""
     print(f"sweep dir: {sweep_dir}  (resume with: python sweep.py resume {sweep_dir})", flush=True)
-    arguments = ["--multirun", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    if not use_wandb:
-        arguments.append("hydra.callbacks.sweep_summary.log_to_wandb=false")
+    no_wandb = [] if use_wandb else ["hydra.callbacks.sweep_summary.log_to_wandb=false"]
+    arguments = ["--multirun", *overrides, f"hydra.sweep.dir={sweep_dir}", *no_wandb]
     os.execv(sys.executable, [sys.executable, str(TRAIN), *arguments])
 
 
@@ -49,17 +49,17 @@ def parse_arguments(args: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("words", nargs="*", metavar="overrides | resume DIR | summarize DIR | list")
+    parser.add_argument("words", nargs="*", metavar="overrides | resume DIR | summarize DIR | report DIR... | list")
     parser.add_argument("--wandb-sweep", action="store_true", help="write a native W&B sweep config instead of running")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the summary run to W&B")
+    parser.add_argument("--out", default="results.md", help="report: the page to write (its figures go beside it)")
     return parser.parse_args(args)
 
 
 def sweep_directory(words: Sequence[str]) -> Path:
     if len(words) != 2:
         raise SweepError(f"usage: python sweep.py {words[0]} SWEEP_DIR")
-    sweep_dir = Path(words[1])
-    if not sweep_dir.is_dir():
+    if not (sweep_dir := Path(words[1])).is_dir():
         raise SweepError(f"{sweep_dir} is not a directory: give the sweep directory that holds the job dirs")
     return sweep_dir
 
@@ -68,14 +68,15 @@ def dispatch(options: argparse.Namespace) -> int:
     words, use_wandb = options.words, not options.no_wandb
     command = words[0] if words and words[0] in COMMANDS else None
     if command == "list":
-        for name, comment in ablations(CONF).items():
-            print(f"{name:24s} {comment}")
+        print("\n".join(f"{name:24s} {comment}" for name, comment in ablations(CONF).items()))
         return 0
+    if command == "report":  # the page names this command, and the one that ran each sweep
+        return write_page(words[1:], Path(options.out), CONF, program="python sweep.py")
     if command == "summarize":
         sweep_dir = sweep_directory(words)
         try:
             return report(sweep_dir, use_wandb)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ConfigError) as error:
             raise SweepError(str(error)) from error
     if command == "resume":
         sweep_dir = sweep_directory(words)

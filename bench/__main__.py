@@ -5,6 +5,7 @@ that `startup` can time `import torch` itself).
   scaling against a ViT, the input pipeline;
 - `gpu`: the GPU epoch check (bench/gpu.py);
 - `digits`: whole `train.py` processes on a real image folder against the Keras example (bench/digits.py);
+- `tta`: time to accuracy on Fashion-MNIST, whole processes against the Keras example (bench/tta.py);
 - `startup [train.py overrides]`: what a run spends before its first step (bench/startup.py);
 - `augment`: images/s of the augmentation pipelines (bench/pipeline.py).
 """
@@ -14,7 +15,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"gpu": "bench.gpu", "digits": "bench.digits", "startup": "bench.startup", "augment": "bench.pipeline"}
+COMMANDS = {
+    "gpu": "bench.gpu",
+    "digits": "bench.digits",
+    "tta": "bench.tta",
+    "startup": "bench.startup",
+    "augment": "bench.pipeline",
+}
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.keras_example import KerasPerceiver, keras, layers
+from bench.keras_example import build_example, keras
 from bench.settings import SETTINGS
 
 
@@ -28,20 +28,6 @@ def load_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     paths = [(p, label) for label, d in enumerate(classes) for p in sorted(d.glob("*.png"))]
     images = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) for p, _ in paths])
     return images, np.array([label for _, label in paths], dtype=np.int32)
-
-
-def build(train_images: np.ndarray, num_classes: int) -> keras.Model:
-    setting = dataclasses.replace(SETTINGS["small"], num_classes=num_classes)
-    normalize = layers.Normalization()
-    normalize.adapt(train_images)
-    inputs = keras.Input(train_images.shape[1:])
-    model = keras.Model(inputs, KerasPerceiver(setting)(normalize(inputs)))
-    model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=1e-4),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")],
-    )
-    return model
 
 
 def main() -> None:
@@ -55,7 +41,7 @@ def main() -> None:
     order = np.random.default_rng(0).permutation(len(x))  # Keras' validation_split takes the last 10%: mix classes
     x, y = x[order], y[order]
     x_test, y_test = load_folder(args.test)
-    model = build(x, int(y.max()) + 1)
+    model = build_example(x, dataclasses.replace(SETTINGS["small"], num_classes=int(y.max()) + 1))
     callbacks = [
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=3),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=15, restore_best_weights=True),

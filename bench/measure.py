@@ -36,18 +36,8 @@ def device_for_bench() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def perceiver_kwargs(setting: Setting) -> dict[str, int]:
-    return {
-        "image_size": setting.image_size,
-        "patch_size": setting.patch_size,
-        "num_classes": setting.num_classes,
-        "latent_dim": setting.num_latents,
-        "projection_dim": setting.channels,
-        "num_heads": setting.num_heads,
-        "key_dim": setting.key_dim,
-        "num_transformer_blocks": setting.num_blocks,
-        "num_iterations": setting.num_iterations,
-    }
+def perceiver_kwargs(setting: Setting) -> dict[str, int | float]:
+    return {**setting.model_kwargs(), "num_classes": setting.num_classes}
 
 
 def make_torch_step(

@@ -5,7 +5,7 @@ from perceiver.data.augment import BatchAugment, Preprocess
 from perceiver.data.dataset import ArrayDataset, DataError, split_indices
 from perceiver.data.folders import decode_transform, open_rgb
 from perceiver.data.loaders import DeviceBatches, EpochSampler, Shard, make_loader
-from perceiver.data.sources import CifarSource, DataSource, ImageFolderSource, SyntheticSource
+from perceiver.data.sources import CifarSource, DataSource, ImageFolderSource, MnistSource, SyntheticSource
 from perceiver.data.splits import Splits, channel_stats, prepare_splits, split_validation
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "DeviceBatches",
     "EpochSampler",
     "ImageFolderSource",
+    "MnistSource",
     "Preprocess",
     "Shard",
     "Splits",

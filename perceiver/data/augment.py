@@ -134,6 +134,11 @@ class BatchAugment(nn.Module):
         """Mixup/CutMix pair images within a batch, so training batches must have an even size."""
         return self.mixup is not None
 
+    @property
+    def channels(self) -> int:
+        """The images' channels: as many as the statistics have (3 until they are set)."""
+        return self.mean.shape[1]
+
     def set_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.preprocess.set_statistics(mean, std)
 
@@ -145,7 +150,8 @@ class BatchAugment(nn.Module):
         from timm.data.auto_augment import rand_augment_transform
         from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
-        transform = rand_augment_transform(self.randaugment, dict(HPARAMS))
+        hparams = {**HPARAMS, "img_mean": HPARAMS["img_mean"][: self.channels]}  # PIL fills a grey image with one value
+        transform = rand_augment_transform(self.randaugment, hparams)
         return lambda image: pil_to_tensor(transform(to_pil_image(image)))
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

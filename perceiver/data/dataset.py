@@ -33,12 +33,19 @@ class ArrayDataset(Dataset):
         return ArrayDataset(self.images[indices], self.labels[indices])
 
 
-def split_indices(count: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random split of range(count) into (1 - fraction, fraction) parts."""
+def split_indices(
+    count: int, fraction: float, seed: int, setting: str = "the split fraction", of: str = "images"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random split of range(count) into (1 - fraction, fraction) parts. `setting` names the fraction
+    and `of` what is split, for the error when too few are given to keep at least one on each side."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"split fraction {fraction!r} is invalid: it must be in (0, 1)")
     held = max(1, round(count * fraction))
     if held >= count:
-        raise DataError(f"cannot hold out {fraction:.0%} of {count} images and keep any for training")
+        lower = f", or lower {setting}" if held > 1 else ""
+        raise DataError(
+            f"{setting}={fraction} holds out {held} of the {count} {of}, which leaves none for training: "
+            f"add images (at least {held + 1} here){lower}"
+        )
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
     return order[held:].sort().values, order[:held].sort().values

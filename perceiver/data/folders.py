@@ -40,6 +40,7 @@ IMAGES_VERSION = 1
 THREADS = 8  # file reads and PIL decoding release the GIL: threads overlap them
 # torchvision.datasets.folder.IMG_EXTENSIONS (ImageFolder's), kept here so that a warm start need not import
 # torchvision (seconds); tests/data/test_folder_cache.py checks that the two agree
+OS_JUNK = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx"})  # lower-cased; see is_os_junk
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -81,13 +82,20 @@ class FolderScan:
         return "\n".join(lines)
 
 
+def is_os_junk(name: str) -> bool:
+    """Files and folders an operating system makes by itself, not the user's data: hidden ones (.DS_Store, macOS's
+    ._* AppleDouble files, .Trashes, .ipynb_checkpoints), Windows' Thumbs.db and desktop.ini, macOS's __MACOSX."""
+    return name.startswith(".") or name.lower() in OS_JUNK
+
+
 def list_class_files(folder: Path) -> dict[str, dict[Path, tuple[int, int]]]:
-    """class name -> {file: (size, mtime_ns)} below `folder/<class>/`, sorted; hidden files (.DS_Store) left out."""
+    """class name -> {file: (size, mtime_ns)} below `folder/<class>/`, sorted; OS junk (`is_os_junk`) left out,
+    silently, as a folder or a file at any depth."""
     files: dict[str, dict[Path, tuple[int, int]]] = {}
-    for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+    for class_dir in sorted(d for d in folder.iterdir() if d.is_dir() and not is_os_junk(d.name)):
         found: dict[Path, tuple[int, int]] = {}
         for path in sorted(class_dir.rglob("*")):
-            if path.name.startswith("."):
+            if any(is_os_junk(part) for part in path.relative_to(class_dir).parts):
                 continue
             info = path.stat()
             if stat.S_ISREG(info.st_mode):
@@ -336,6 +344,14 @@ class ImageFolderSource:
                 f"data.source.path={str(self.path)!r} has {self.num_classes} class with images "
                 f"({', '.join(self.classes)}); a classifier needs at least 2 classes: add a subfolder per class"
             )
+        count = sum(len(paths) for paths in self.scans["data.source.path"].images.values())
+        needed = 2 if self.test_path is not None else 3  # one image each to train, validate (and test) on
+        if count < needed:
+            held_out = "a validation image" if self.test_path is not None else "a test and a validation image"
+            raise DataError(
+                f"data.source.path={str(self.path)!r} holds {count} image(s), too few to hold out {held_out} "
+                f"and train on the rest: add images (at least {needed}, more to learn anything)"
+            )
 
     @property
     def cache_key(self) -> str:
@@ -418,7 +434,7 @@ class ImageFolderSource:
         if self.test_path is not None:
             return loaded[0], loaded[1]
         full = loaded[0]
-        keep, held_out = split_indices(len(full), self.test_fraction, self.seed)
+        keep, held_out = split_indices(len(full), self.test_fraction, self.seed, "data.source.test_fraction")
         if isinstance(full, ArrayDataset):
             return full.subset(keep), full.subset(held_out)
         return Subset(full, keep.tolist()), Subset(full, held_out.tolist())

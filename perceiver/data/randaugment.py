@@ -93,7 +93,9 @@ def _blend(images: torch.Tensor, other: torch.Tensor, values: torch.Tensor) -> t
 
 
 def _grayscale(images: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma, floored, (B, 1, H, W) float: torchvision's for uint8 images."""
+    """ITU-R 601 luma, floored, (B, 1, H, W) float: torchvision's for uint8 images (a grey image is its own)."""
+    if images.shape[-3] == 1:
+        return images.float()
     r, g, b = images.unbind(dim=-3)
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3).floor_()
 

@@ -1,7 +1,8 @@
-"""Where images come from: CIFAR (torchvision), generated images, or a folder of class subfolders (`folders.py`).
+"""Where images come from: CIFAR (torchvision), the MNIST family's idx files (`mnist.py`), generated images, or a
+folder of class subfolders (`folders.py`).
 
 Every source yields uint8 (C, H, W) images and int64 labels; conversion to float, normalisation, resizing
-and augmentation happen later, on whole batches on the training device (`augment.py`). CIFAR and synthetic
+and augmentation happen later, on whole batches on the training device (`augment.py`). CIFAR, MNIST and synthetic
 data load as in-memory tensors; an image folder is checked up front, decoded once into a cache and held in
 memory when it fits, else read lazily.
 """
@@ -18,8 +19,9 @@ from torch.utils.data import Dataset
 
 from perceiver.data.dataset import ArrayDataset, DataError
 from perceiver.data.folders import ImageFolderSource
+from perceiver.data.mnist import MnistSource
 
-__all__ = ["CifarSource", "DataSource", "ImageFolderSource", "SyntheticSource"]
+__all__ = ["CifarSource", "DataSource", "ImageFolderSource", "MnistSource", "SyntheticSource"]
 
 
 # ----------------------------------------------------------------------------- sources

@@ -85,5 +85,5 @@ def prepare_splits(
 
 def split_validation(train_full: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """(train, validation): the seeded split a run trains and validates on, the same for every later use of it."""
-    train_idx, val_idx = split_indices(len(train_full), val_fraction, seed)
+    train_idx, val_idx = split_indices(len(train_full), val_fraction, seed, "data.val_fraction", "training images")
     return subset(train_full, train_idx), subset(train_full, val_idx)

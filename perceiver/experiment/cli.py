@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from perceiver.experiment.config import ConfigError, invalid_value_message
+from perceiver.experiment.config import ConfigError, composition_message, invalid_value_message
 from perceiver.experiment.job import in_sweep, record_failure, run_directory
 from perceiver.training import CheckpointError, NonFiniteLossError, TrainingInterrupted
 
@@ -35,16 +35,18 @@ def fail(message: str, code: int) -> NoReturn:
 def run_hydra_app(main: Callable[[], Any]) -> None:
     """Run a `@hydra.main` function, reporting Hydra's own failures (the command line, composing the config,
     creating the run dir) in one line instead of a traceback."""
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises, and the messages are made here
+    # Hydra re-raises, and the messages are made here: whatever the caller's environment says (with
+    # HYDRA_FULL_ERROR=0 Hydra would print its own traceback and exit 1 before these handlers see the error)
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except ConfigCompositionException as error:
         cause = error.__cause__
         if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
             fail(invalid_value_message(cause.full_key, override_value(str(error), cause.full_key)), 2)
-        fail(" ".join(filter(None, [str(error), str(cause or "")])), 1)
+        fail(composition_message(error), 1)
     except (HydraException, OmegaConfBaseException) as error:
-        fail(" ".join(filter(None, [str(error), str(error.__cause__ or "")])), 1)
+        fail(composition_message(error), 1)
     except OSError as error:  # Hydra creating the run or sweep dir
         where = error.filename or "the output directory"
         fail(f"cannot create {where} ({error.strerror}); point hydra.run.dir or paths.output_dir elsewhere", 2)

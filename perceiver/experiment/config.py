@@ -8,15 +8,23 @@ values it takes are still checked by `TrainSettings` itself (positive, one of, .
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from typing import Any, Union
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from hydra.errors import MissingConfigException
+from omegaconf import DictConfig, OmegaConf
 
 from perceiver.training.settings import TrainSettings
 
+# What a config read back from a file (a checkpoint's, a run's, a sweep's multirun.yaml) may instantiate: the
+# classes of this project and the optimizers and schedulers of torch and timm, and the optimizer factories (the
+# functions of the modules below; this project's other functions, perceiver.files' writers among them, are not).
+# Anything else, whatever Hydra itself would allow, is refused naming it: a config from a file is data, never code.
+ALLOWED_TARGET_PACKAGES = ("perceiver", "torch.optim", "timm.optim", "timm.scheduler")
+ALLOWED_FUNCTION_MODULES = ("perceiver.training.optimizers", "timm.optim")
 TRAINER_SCHEMA = "trainer_schema"  # conf/train.yaml's defaults list merges it under `trainer`
 NUMBER_FIELDS = {"optimizer": ("lr", "weight_decay", "momentum", "eps")}  # `_target_` groups: no schema
 
@@ -52,8 +60,6 @@ def register_schemas() -> None:
 
 
 def train_settings(cfg: DictConfig) -> TrainSettings:
-    from omegaconf import OmegaConf
-
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     known = [f.name for f in dataclasses.fields(TrainSettings)]
     unknown = sorted(set(trainer) - set(known))
@@ -85,6 +91,72 @@ def check_run_settings(cfg: DictConfig) -> None:
             value = node.get(name)
             if value is not None and not is_number(value):
                 raise ConfigError(f"{group}.{name}={value!r} is invalid: it must be a number")
+    lr = (cfg.get("optimizer") or {}).get("lr")
+    if lr is not None and not lr > 0:  # torch says so only once the model is built, without naming the field
+        raise ConfigError(f"optimizer.lr={lr!r} is invalid: the learning rate must be a positive number")
+
+
+def composition_message(error: BaseException, options_label: str = "choose one of") -> str:
+    """One line for a config Hydra could not compose. A missing option (`optimizer=adamx`, `ablation=nope`,
+    `hydra/launcher=nope`) names the valid ones; Hydra's own lines (its config search path, the options one per
+    line) are left out."""
+    message = str(error).split("\nConfig search path:")[0].split("\nSearch path:")[0]
+    options = getattr(error, "options", None)
+    if isinstance(error, MissingConfigException) and options:
+        first = message.split("\n")[0].strip()
+        return f"{first}: {options_label} {', '.join(options)}"
+    cause = error.__cause__
+    return " ".join(" ".join(filter(None, [message, str(cause or "")])).split())
+
+
+def _within(name: object, packages: tuple[str, ...]) -> bool:
+    return isinstance(name, str) and any(name == p or name.startswith(f"{p}.") for p in packages)
+
+
+def allowed_target(target: object) -> bool:
+    """True for a class of ALLOWED_TARGET_PACKAGES or a function of ALLOWED_FUNCTION_MODULES, judged by its name
+    and by what the name resolves to (`perceiver.files.os.remove` is os.remove: refused). Only names inside the
+    allowed packages are ever imported."""
+    if not _within(target, ALLOWED_TARGET_PACKAGES):
+        return False
+    from hydra._internal.utils import _locate  # what instantiate resolves; hydra.utils.get_object also logs errors
+
+    try:
+        found = _locate(str(target))
+    except Exception:  # an unknown name: nothing of it may run
+        return False
+    module = getattr(found, "__module__", None)
+    if inspect.isclass(found):
+        return _within(module, ALLOWED_TARGET_PACKAGES)
+    return inspect.isfunction(found) and _within(module, ALLOWED_FUNCTION_MODULES)
+
+
+def targets(node: Any, path: str = "") -> list[tuple[str, object]]:
+    """(config path, `_target_`) of every node that Hydra's `instantiate` would build, at any depth."""
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=False)
+    found: list[tuple[str, object]] = []
+    if isinstance(node, dict):
+        if "_target_" in node:
+            found.append((f"{path}._target_" if path else "_target_", node["_target_"]))
+        for key, value in node.items():
+            found += targets(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += targets(value, f"{path}[{index}]")
+    return found
+
+
+def check_targets(config: Any, source: str) -> None:
+    """Refuse a config read from a file (`source` names it) that would instantiate anything outside the
+    allowlist (ALLOWED_TARGET_PACKAGES), before anything of it is built."""
+    for where, target in targets(config):
+        if not allowed_target(target):
+            raise ConfigError(
+                f"{source}: {where}={target!r} is refused: a config read from a file may only instantiate classes "
+                f"of {', '.join(ALLOWED_TARGET_PACKAGES)} and the optimizer factories of "
+                f"{', '.join(ALLOWED_FUNCTION_MODULES)}. Do not use a file you do not trust"
+            )
 
 
 def invalid_value_message(key: str, value: object) -> str:

@@ -23,7 +23,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from perceiver.data import ArrayDataset, DataError, make_loader, open_rgb, split_validation
 from perceiver.experiment.build import build
-from perceiver.experiment.config import ConfigError
+from perceiver.experiment.config import ConfigError, check_targets
 from perceiver.experiment.job import job_overrides
 from perceiver.experiment.report import Observations, per_class_rows, write_evaluation_files, write_predictions
 from perceiver.files import write_text_atomic
@@ -90,6 +90,7 @@ def data_config(cfg: DictConfig, trained: TrainedRun) -> DictConfig:
         own = trained.config.get("data")
         if not own:
             raise ConfigError(f"{trained.run_dir} records no data set; give one: data=imagefolder data.source.path=DIR")
+        check_targets(own, f"the data config of {trained.model_file}")
         return OmegaConf.create(own)
     try:
         chosen = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
@@ -153,21 +154,41 @@ def describe_data(node: DictConfig) -> str:
     return f"the data ({name})"
 
 
+def evaluate_classifier(
+    classifier: Classifier,
+    dataset: Dataset,
+    run_config: dict[str, Any],
+    precision: str | None = None,
+    batch_size: int | None = None,
+    num_workers: int = 2,
+    observe: Observations | None = None,
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 of `classifier` on `dataset` as its training run evaluated its test split: the same
+    loader, preprocessing and `evaluate`, in the run's precision (fp16 only on CUDA) and batch size unless given."""
+    trainer = run_config.get("trainer", {})
+    device = classifier.device
+    precision = precision or trainer.get("precision", "fp32")
+    precision = "fp32" if precision == "fp16" and device.type != "cuda" else precision
+    batch_size = int(batch_size or trainer.get("batch_size", 64))
+    loader = make_loader(dataset, batch_size, device, num_workers=num_workers)
+    return evaluate(classifier.model, classifier.preprocess, loader, device, precision, classifier.num_classes, observe)
+
+
 def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Evaluate the run on `cfg.split`, write the outputs into `out_dir` and log them; returns metrics.json."""
     trained = open_run(cfg.run, cfg.get("device"))
     classifier, run_config = trained.classifier, trained.config
     node = data_config(cfg, trained)
     split = load_split(node, cfg.split, int(run_config.get("seed", 0)), classifier.classes)
-    trainer = run_config.get("trainer", {})
-    device = classifier.device
-    precision = cfg.get("precision") or trainer.get("precision", "fp32")
-    precision = "fp32" if precision == "fp16" and device.type != "cuda" else precision
-    batch_size = int(cfg.get("batch_size") or trainer.get("batch_size", 64))
-    loader = make_loader(split, batch_size, device, num_workers=int(cfg.get("num_workers", 2)))
     observations = Observations(classifier.num_classes, int(cfg.get("mistakes", 16)))
-    numbers = evaluate(
-        classifier.model, classifier.preprocess, loader, device, precision, classifier.num_classes, observations
+    numbers = evaluate_classifier(
+        classifier,
+        split,
+        run_config,
+        cfg.get("precision"),
+        cfg.get("batch_size"),
+        int(cfg.get("num_workers", 2)),
+        observations,
     )
     title = f"{cfg.split} split, {observations.seen} images, top-1 {numbers['top1']:.4f}"
     files = write_evaluation_files(out_dir, observations, classifier.classes, title)

@@ -79,8 +79,9 @@ class AttentionPanels:
     probabilities: np.ndarray
 
 
-def read_images(paths: Sequence[str | Path], size: int) -> torch.Tensor:
-    """Image files -> (B, 3, size, size) uint8, RGB and resized as the image-folder source reads them."""
+def read_images(paths: Sequence[str | Path], size: int, channels: int = 3) -> torch.Tensor:
+    """Image files -> (B, channels, size, size) uint8, RGB (grey for 1 channel), resized as the image-folder source
+    reads them."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
@@ -88,7 +89,8 @@ def read_images(paths: Sequence[str | Path], size: int) -> torch.Tensor:
     for path in paths:
         try:
             with Image.open(path) as image:
-                rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+                mode = "L" if channels == 1 else "RGB"
+                rgb = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
         except (OSError, ValueError) as error:
             raise ValueError(f"{path} could not be read as an image ({error}); pass image files") from error
         tensors.append(pil_to_tensor(rgb))
@@ -97,12 +99,12 @@ def read_images(paths: Sequence[str | Path], size: int) -> torch.Tensor:
     return torch.stack(tensors)
 
 
-def as_uint8_batch(images: ImagesLike, size: int) -> torch.Tensor:
+def as_uint8_batch(images: ImagesLike, size: int, channels: int = 3) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be a uint8 (B, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
         return images
-    return read_images(images, size)
+    return read_images(images, size, channels)
 
 
 @torch.no_grad()
@@ -271,6 +273,6 @@ def draw_attention(
     `cross_attends`: which cross-attends to show (0-based, in application order); all by default.
     `labels` (true classes) and `class_names` title the image panels.
     """
-    batch = as_uint8_batch(images, augment.image_size)
+    batch = as_uint8_batch(images, augment.image_size, augment.channels)
     panels = attention_panels(model, augment, batch, latents, cross_attends)
     return draw_panels(panels, Path(path), labels, class_names, title)

@@ -9,6 +9,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from perceiver.experiment.config import check_targets
 from perceiver.training.state import CheckpointError
 
 # What may differ between a checkpoint's config and the run resuming it; everything else (model, data,
@@ -44,7 +45,9 @@ def resumed_config(
     """The config to continue with. From the command line (`overrides` given) it is the checkpoint's config
     with this command's overrides on top, so `python train.py resume=DIR` needs no repeated settings;
     in-process (`overrides=None`) it is `current` as given. Either way, changing what is being trained
-    (model, data, optimizer, ...) is refused, naming the fields."""
+    (model, data, optimizer, ...) is refused, naming the fields, as is a checkpoint whose config would
+    instantiate anything outside the allowlist (`check_targets`)."""
+    check_targets(saved, "the checkpoint's config (resume=)")
     if overrides is None:
         config = current
     else:

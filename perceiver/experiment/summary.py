@@ -1,6 +1,6 @@
 """Summarise a sweep directory: one row per job, mean +- std over seeds per grid point, a plot of test
 top-1 against the ablated axis, and the same tables and plot (as an image and a native W&B chart) as a W&B
-run in the sweep's group.
+run in the sweep's group; `sweep.json` records the grid, its command and that run for `sweep.py report`.
 
 Reads only what the jobs wrote (`.hydra/overrides.yaml`, `metrics.json`, `error.txt`), so it works on
 a finished, failed or half-done sweep, and again at any time later. `SweepSummary` is the Hydra callback
@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import math
+import shlex
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,15 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from perceiver.experiment.sweeps import parse_value, recorded_sweep, short_key, split_override, swept_in
+from perceiver.experiment.config import check_targets
+from perceiver.experiment.sweeps import (
+    parse_value,
+    recorded_command,
+    recorded_sweep,
+    short_key,
+    split_override,
+    swept_in,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,7 @@ class Job:
     status: str  # finished | failed | incomplete
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    arguments: list[str] = field(default_factory=list)  # the overrides that made it, as given
 
 
 @dataclass
@@ -60,8 +70,8 @@ class Summary:
 
 def read_job(directory: Path) -> Job:
     overrides_file = directory / ".hydra" / "overrides.yaml"
-    overrides = dict(split_override(o) for o in yaml.safe_load(overrides_file.read_text()) or [])
-    job = Job(int(directory.name), directory, overrides, "incomplete")
+    arguments = [str(o) for o in yaml.safe_load(overrides_file.read_text()) or []]
+    job = Job(int(directory.name), directory, dict(map(split_override, arguments)), "incomplete", arguments=arguments)
     metrics_file, error_file = directory / "metrics.json", directory / "error.txt"
     if metrics_file.is_file():
         job.status, job.metrics = "finished", json.loads(metrics_file.read_text())
@@ -126,6 +136,9 @@ def job_row(job: Job, keys: Sequence[str]) -> dict[str, Any]:
         "epochs_run": job.metrics.get("epochs_run"),
         "images_per_second": job.metrics.get("images_per_second"),
         "wandb_run_id": job.metrics.get("wandb_run_id"),
+        "num_parameters": job.metrics.get("num_parameters"),
+        "train_seconds": job.metrics.get("train_seconds"),
+        "overrides": shlex.join(job.arguments),
         "error": job.error,
     }
 
@@ -234,8 +247,9 @@ def wandb_group(summary: Summary) -> str:
     return groups[0] if groups else summary.sweep_dir.name
 
 
-def log_to_wandb(summary: Summary, files: dict[str, Path], tracker_factory: Any) -> str | None:
-    """A `summary` run in the sweep's group with both tables and the plot; returns its run id."""
+def log_to_wandb(summary: Summary, files: dict[str, Path], tracker_factory: Any) -> dict[str, Any] | None:
+    """A `summary` run in the sweep's group with both tables and the plot; returns where it is (id, mode, URL
+    when online, group), None when no run was made."""
     import wandb
 
     settings = summary.settings
@@ -259,9 +273,12 @@ def log_to_wandb(summary: Summary, files: dict[str, Path], tracker_factory: Any)
         best = max((row for row in summary.rows if row["n"]), key=lambda row: row["top1_mean"], default=None)
         if best is not None:
             tracker.summarize({"best/top1_mean": best["top1_mean"], **{f"best/{k}": best[k] for k in summary.keys}})
+        url = getattr(tracker.run, "url", None) if tracker.mode == "online" else None
     finally:
         tracker.finish()
-    return tracker.run_id
+    if not tracker.run_id:
+        return None
+    return {"run_id": tracker.run_id, "mode": tracker.mode, "url": url, "group": wandb_group(summary)}
 
 
 def chart_rows(summary: Summary) -> list[dict[str, Any]]:
@@ -312,10 +329,11 @@ def report(sweep_dir: Path, use_wandb: bool = True, logger: Any = None) -> int:
     print(", ".join(f"{n} {status}" for status, n in counts.items()) + f" of {len(summary.jobs)} jobs")
     for name, path in files.items():
         print(f"{name}: {path}")
-    if tracker_factory is not None:
-        run_id = log_to_wandb(summary, files, tracker_factory)
-        if run_id:
-            print(f"W&B summary run {run_id} in group {summary.sweep_dir.name}")
+    summary_run = log_to_wandb(summary, files, tracker_factory) if tracker_factory is not None else None
+    if summary_run:
+        print(f"W&B summary run {summary_run['run_id']} in group {summary_run['group']}")
+    files["sweep_json"] = write_record(summary, summary_run)
+    print(f"sweep_json: {files['sweep_json']}")
     if any(sweep_dir.glob("**/wandb/offline-run-*")):
         runs = f"{sweep_dir}/*/wandb/offline-run-* {sweep_dir}/wandb/offline-run-*"
         print(f"offline W&B runs: upload them all with `wandb sync {runs}`")
@@ -323,6 +341,27 @@ def report(sweep_dir: Path, use_wandb: bool = True, logger: Any = None) -> int:
         if job.status == "failed":
             print(f"job {job.number} failed: {job.error} (see {job.directory / 'error.txt'})")
     return 0 if counts["finished"] == len(summary.jobs) else 1
+
+
+def write_record(summary: Summary, summary_run: dict[str, Any] | None) -> Path:
+    """sweep.json: what `sweep.py report` needs beside jobs.csv, so that the committed summary files alone
+    make the results page: the grid, the command that ran it and its W&B summary run (an earlier one is kept
+    when this summary made none, e.g. `summarize --no-wandb`)."""
+    path = summary.sweep_dir / "sweep.json"
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        earlier = {}  # a damaged record is written anew
+    settings = summary.settings
+    record = {
+        "ablation": (settings.get("ablation") or {}).get("name"),
+        "keys": summary.keys,
+        "axis": (settings.get("ablation") or {}).get("axis") or summary.axis,  # the grid's, even when not swept
+        "overrides": recorded_command(summary.sweep_dir) if settings else None,  # the sweep's command line
+        "wandb_summary_run": summary_run or earlier.get("wandb_summary_run"),
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
 
 
 def logger_factory(logger: Any) -> Any:
@@ -334,6 +373,7 @@ def logger_factory(logger: Any) -> Any:
         from perceiver.experiment.tracking import WandbTracker
 
         return lambda **kwargs: WandbTracker(mode="auto", **kwargs)
+    check_targets({"logger": logger}, "the sweep's config (multirun.yaml)")
     return instantiate(OmegaConf.create(logger) if isinstance(logger, dict) else logger)
 
 

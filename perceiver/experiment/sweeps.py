@@ -19,6 +19,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from perceiver.experiment.config import composition_message
 from perceiver.experiment.tracking import has_wandb_credentials
 
 MAX_TAG_LENGTH = 64  # W&B rejects longer tags
@@ -141,8 +142,6 @@ def ablations(conf_dir: Path) -> dict[str, str]:
 
 def compose_sweep(conf_dir: Path, overrides: Sequence[str]) -> DictConfig:
     """The sweep's config with its Hydra node, composed from the non-sweep overrides (fails fast on typos)."""
-    import perceiver.experiment.config  # noqa: F401 - registers the schemas conf/train.yaml names
-
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     GlobalHydra.instance().clear()
@@ -150,8 +149,8 @@ def compose_sweep(conf_dir: Path, overrides: Sequence[str]) -> DictConfig:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             return compose("train", overrides=fixed, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as error:
-        hint = f"; named grids: {', '.join(ablations(conf_dir))}" if "ablation" in str(error) else ""
-        raise SweepError(f"{error}{hint}") from error
+        grids = str(getattr(error, "missing_cfg_file", "")).startswith("ablation/")
+        raise SweepError(composition_message(error, "named grids:" if grids else "choose one of")) from error
     finally:
         GlobalHydra.instance().clear()
 

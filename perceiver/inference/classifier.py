@@ -94,8 +94,13 @@ class Classifier(
     # ------------------------------------------------------------------ any images in
 
     def decode(self, image: Image.Image) -> torch.Tensor:
-        """A PIL image -> uint8 (C, S, S), as an image folder decodes its files."""
-        return decode_transform(self.input_size)(image.convert("RGB"))
+        """A PIL image -> uint8 (C, S, S), as an image folder decodes its files (grey for a 1-channel model)."""
+        return decode_transform(self.input_size)(image.convert(self.colour_mode))
+
+    @property
+    def colour_mode(self) -> str:
+        """The PIL mode images are read in: what the model was trained on."""
+        return "L" if self.in_channels == 1 else "RGB"
 
     def as_batch(self, images: Images) -> torch.Tensor:
         """uint8 (B, C, S, S) on the CPU from a tensor (B, C, H, W) or (C, H, W), PIL images, file paths, or a list
@@ -161,9 +166,10 @@ class Classifier(
 
     def metadata(self) -> dict[str, Any]:
         """What a consumer of an exported graph needs to know, as plain values (stored in its metadata)."""
+        side = self.input_size
         return {
             **self.card,
-            "input": f"uint8 (batch, {self.in_channels}, {self.input_size}, {self.input_size}), RGB, 0-255",
+            "input": f"uint8 (batch, {self.in_channels}, {side}, {side}), {self.colour_mode}, 0-255",
             "input_size": self.input_size,
             "image_size": self.image_size,
         }

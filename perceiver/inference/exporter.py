@@ -3,9 +3,12 @@ the normalisation and resizing inside; and a check that a written file gives the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import logging.handlers
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,16 +40,38 @@ def export(classifier: Classifier, path: str | os.PathLike, format: str = "onnx"
     return path
 
 
+@contextlib.contextmanager
+def warnings_once(*names: str) -> Iterator[None]:
+    """The named loggers (and theirs below) at WARNING while the block runs, and each distinct message passed
+    on once when it ends: the exporter logs a line per graph rewrite, and the same warning for every node it
+    cannot fold (one per LayerNorm)."""
+    kept = logging.handlers.BufferingHandler(capacity=1 << 20)
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+        logger.addHandler(kept)
+    try:
+        yield
+    finally:
+        for logger, (level, propagate) in zip(loggers, saved, strict=True):
+            logger.removeHandler(kept)
+            logger.setLevel(level)
+            logger.propagate = propagate
+        seen = set()
+        for record in kept.buffer:
+            if record.getMessage() not in seen:
+                seen.add(record.getMessage())
+                logging.getLogger(record.name).handle(record)
+
+
 def _export_onnx(module: nn.Module, example: torch.Tensor, dynamic: dict, metadata: dict[str, str], path: Path) -> None:
     try:
         import onnxscript  # noqa: F401 - the exporter (dynamo=True) needs it
     except ImportError as error:
         raise ImportError("ONNX export needs onnx and onnxscript: pip install -e '.[export]'") from error
-    quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]  # they log a line per graph rewrite
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:
-        logger.setLevel(logging.WARNING)
-    try:
+    with warnings_once("onnxscript", "onnx_ir"):
         program = torch.onnx.export(
             module,
             (example,),
@@ -56,9 +81,6 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, dynamic: dict, metada
             dynamo=True,
             verbose=False,
         )
-    finally:
-        for logger, level in zip(quiet, levels, strict=True):
-            logger.setLevel(level)
     program.model.metadata_props.update(metadata)
     program.save(str(path))
 

@@ -71,6 +71,7 @@ class CrossAttention(nn.Module):
         dropout_rate: float,
         attention_dropout_rate: float,
         eps: float,
+        score_scale: float | None = 1.0,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -80,7 +81,11 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
-        self.score_scale = nn.Parameter(torch.ones(()))
+        # The example starts the learned scale at 1: with D-wide heads q.k then has a spread of ~sqrt(D), and at
+        # D = 128 each latent attends to about one input at initialisation (docs/recipes.md). None starts it at
+        # 1/sqrt(head width), the Transformer's scaling; training then learns it as before.
+        initial = (dim // num_heads) ** -0.5 if score_scale is None else score_scale
+        self.score_scale = nn.Parameter(torch.full((), float(initial)))
         self.ffn_norm = nn.LayerNorm(dim, eps=eps)
         self.ffn = FeedForward(dim, ffn_units, dim, dropout_rate)
 
@@ -234,6 +239,7 @@ class Perceiver(nn.Module):
         num_heads: int = 8,
         key_dim: int | None = None,
         cross_attention_heads: int = 1,
+        cross_attention_scale: float | None = 1.0,
         num_transformer_blocks: int = 4,
         num_iterations: int = 2,
         ffn_units: int | None = None,
@@ -267,7 +273,7 @@ class Perceiver(nn.Module):
         self.cross_index, self.latent_index = sharing_plan(weight_sharing, num_iterations)
         dropouts = (dropout_rate, attention_dropout_rate, layer_norm_eps)
         self.cross_attends = nn.ModuleList(
-            CrossAttention(projection_dim, cross_attention_heads, ffn_units, *dropouts)
+            CrossAttention(projection_dim, cross_attention_heads, ffn_units, *dropouts, cross_attention_scale)
             for _ in range(max(self.cross_index) + 1)
         )
         self.latent_transformers = nn.ModuleList(
@@ -276,8 +282,7 @@ class Perceiver(nn.Module):
             )
             for _ in range(max(self.latent_index) + 1)
         )
-        # The example ends in Dropout *after* the logits (its `create_ffn` always appends one);
-        # `logit_dropout=False` removes it.
+        # The example ends in Dropout *after* the logits (create_ffn always appends one); logit_dropout=False drops it
         self.head = FeedForward(projection_dim, classifier_units, num_classes, dropout_rate if logit_dropout else 0.0)
         self.reset_parameters()
 
@@ -406,6 +411,11 @@ def check_arguments(**args: object) -> None:
         raise ValueError(
             f"fourier_max_freq={max_freq!r} is invalid: it must be a number >= 2 "
             "(or null for the patch grid's Nyquist frequency)"
+        )
+    scale = args["cross_attention_scale"]
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float) or scale <= 0):
+        raise ValueError(
+            f"cross_attention_scale={scale!r} is invalid: it must be a positive number (or null for 1/sqrt(head width))"
         )
     std = args["latent_init_std"]
     if not isinstance(std, int | float) or std <= 0:

@@ -41,11 +41,11 @@ from perceiver.training.settings import TrainSettings
 from perceiver.training.signals import StopSignals, TrainingInterrupted
 from perceiver.training.state import BestModel, CheckpointError, RunRecord, TrainState, restore_rng
 from perceiver.training.stopping import (
-    DIVERGENCE_ADVICE,
     EarlyStopping,
     NonFiniteLossError,
     check_epoch_trained,
     check_some_epoch_was_finite,
+    divergence_advice,
     warn_skipped,
 )
 
@@ -137,8 +137,8 @@ def fit(
     A resumable checkpoint is saved every epoch (and every `checkpoint_every_n_steps`); `resume` continues exactly
     where it was taken. SIGTERM/SIGINT save one at the next step boundary and raise TrainingInterrupted; a
     non-finite loss saves the last good state and raises NonFiniteLossError (unless `nonfinite_loss=skip`).
-    `record` (the run's config, overrides, tracker run id, model card) goes into every checkpoint and best.pt.
-    `log_row(row, global_step)` gets each epoch row, and on rank 0 a step row every `log_every_n_steps` steps;
+    `record` (the run's config, overrides, tracker run id, model card) goes into every checkpoint and best.pt;
+    `log_row(row, global_step)` gets each epoch row and (rank 0) a step row every `log_every_n_steps` steps;
     `callbacks` run at every epoch end after the checkpoint and the row (not when stopping), on every rank.
     """
     model, augment, optimizer, scheduler = parts.model, parts.augment, parts.optimizer, parts.scheduler
@@ -221,7 +221,7 @@ def fit(
                 due = due and global_step % settings.checkpoint_every_n_steps == 0
                 read = due or batch % read_every == 0 or batch == batches_per_epoch
                 if read and (bad := read_nonfinite(checks, settings.nonfinite_loss, current.metrics, where)):
-                    raise diverged(bad, epoch, global_step, batches_per_epoch, checkpoint, current, run_dir)
+                    raise diverged(bad, current, global_step, settings, batches_per_epoch, checkpoint, run_dir)
                 if reads_loss and global_step % every == 0:
                     value = loss.item()  # the one host sync per log interval, never per step
                     if draw_bar:
@@ -241,8 +241,8 @@ def fit(
 
             # ---- the epoch's end: validate, step the scheduler, keep the best weights, save, log
             if bad := read_nonfinite(checks, settings.nonfinite_loss, current.metrics, where):  # last steps' flags
-                raise diverged(bad, epoch, global_step, batches_per_epoch, checkpoint, current, run_dir)
-            check_epoch_trained(epoch, current.metrics.count, current.metrics.skipped)
+                raise diverged(bad, current, global_step, settings, batches_per_epoch, checkpoint, run_dir)
+            check_epoch_trained(epoch, current.metrics.count, current.metrics.skipped, settings.precision)
             seconds, lr, train = current.seconds(), optimizer.param_groups[0]["lr"], current.metrics.compute()
             val = evaluate(eval_model, augment.preprocess, val_loader, device, settings.precision, parts.num_classes)
             improved = stopper.update(val["loss"], epoch)
@@ -266,7 +266,7 @@ def fit(
                 log.info("early stopping: no lower validation loss for %d epochs", stopper.patience)
                 break
 
-    check_some_epoch_was_finite(stopper.best_epoch, history)
+    check_some_epoch_was_finite(stopper.best_epoch, history, settings.precision)
     model.load_state_dict(best_state)
     return fit_result(stopper, history, global_step)
 
@@ -298,19 +298,20 @@ def read_nonfinite(checks: DeferredChecks, policy: str, metrics: RunningMetrics,
 
 def diverged(
     bad: NonFiniteReport,
-    epoch: int,
+    current: EpochProgress,
     global_step: int,
+    settings: TrainSettings,
     batches_per_epoch: int | None,
     checkpoint: Callable[[int, int, dict | None, int], Path | None],
-    current: EpochProgress,
     run_dir: Path,
 ) -> NonFiniteLossError:
     """Save the last good state (the updates from the bad step on were halted) and say where the loss diverged."""
-    good_step = global_step - bad.steps_since
+    epoch, good_step = current.epoch, global_step - bad.steps_since
     path = checkpoint(epoch, bad.batch - 1, current.state_dict(), good_step)
     where = f"saved in {path}" if path else "not saved (trainer.save_checkpoints=false)"
     of = f" of {batches_per_epoch}" if batches_per_epoch else ""
-    advice = DIVERGENCE_ADVICE[0].upper() + DIVERGENCE_ADVICE[1:]
+    advice = divergence_advice(settings.precision)
+    advice = advice[0].upper() + advice[1:]
     return NonFiniteLossError(
         f"the training loss became {bad.value} at epoch {epoch}, step {good_step + 1} "
         f"(batch {bad.batch}{of}); the last good state is {where}. {advice} and start again, "

@@ -8,8 +8,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# How to get past a diverging loss; a message's last advice, where the settings are named.
-DIVERGENCE_ADVICE = "lower optimizer.lr, set trainer.grad_clip_norm or use trainer.precision=fp32"
+
+def divergence_advice(precision: str) -> str:
+    """How to get past a diverging loss, naming the settings; fp32 is advised only to a run that is not in it."""
+    fp32 = "" if precision == "fp32" else f" or use trainer.precision=fp32 (not {precision})"
+    return f"lower optimizer.lr, set trainer.grad_clip_norm{fp32}"
 
 
 class EarlyStopping:
@@ -67,19 +70,20 @@ def warn_skipped(where: str, batch: int, value: float) -> None:
     )
 
 
-def check_epoch_trained(epoch: int, trained: int, skipped: int) -> None:
+def check_epoch_trained(epoch: int, trained: int, skipped: int, precision: str) -> None:
     """An epoch whose every step was skipped trained nothing: stop rather than go on in silence."""
     if trained == 0 and skipped:
         raise NonFiniteLossError(
-            f"every training step of epoch {epoch} had a non-finite loss ({skipped} skipped); {DIVERGENCE_ADVICE}",
+            f"every training step of epoch {epoch} had a non-finite loss ({skipped} skipped); "
+            + divergence_advice(precision),
             0,
             math.nan,
         )
 
 
-def check_some_epoch_was_finite(best_epoch: int, history: list[dict[str, float]]) -> None:
+def check_some_epoch_was_finite(best_epoch: int, history: list[dict[str, float]], precision: str) -> None:
     if best_epoch == 0:
         raise FloatingPointError(
             f"the validation loss was never finite in {len(history)} epochs "
-            f"(last: {history[-1]['val/loss'] if history else None}); {DIVERGENCE_ADVICE}"
+            f"(last: {history[-1]['val/loss'] if history else None}); {divergence_advice(precision)}"
         )

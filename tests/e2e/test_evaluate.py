@@ -191,6 +191,8 @@ def test_export_onnx_matches_load_run_logits(run_dir: Path, tmp_path: Path) -> N
     result = run_script("export.py", f"run={run_dir}", "format=onnx", f"output={path}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"wrote {path}" in result.stdout and "(batch, 3, 32, 32)" in result.stdout
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), "a line printed twice:\n" + "\n".join(lines)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     logits = session.run(None, {"images": images.numpy()})[0]
@@ -213,6 +215,11 @@ def bad(root: Path, run_dir: Path) -> Path:
     write_image_folder(bad / "animals", ["cat", "dog"], 2, (8, 8))
     shutil.copytree(bad / "animals", bad / "photos")
     (bad / "photos" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (bad / "crafted").mkdir()  # a model file whose data config would truncate victim.txt when evaluated
+    (bad / "victim.txt").write_text("precious")
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    best["config"]["data"]["source"] = {"_target_": "builtins.open", "file": str(bad / "victim.txt"), "mode": "w"}
+    torch.save(best, bad / "crafted" / "best.pt")
     return bad
 
 
@@ -231,6 +238,7 @@ BAD_CASES = [
         ["run={run}", "predict={bad}/photos"],
         ["1 of 5 file(s) cannot be read as images", "{bad}/photos/cat/broken.png"],
     ),
+    ("data-config-names-other-code", ["run={bad}/crafted"], ["source._target_='builtins.open' is refused"]),
 ]
 
 
@@ -256,3 +264,18 @@ def test_bad_inputs_are_one_line_without_a_traceback(
     assert len(lines) == 1, result.stderr[-2000:]
     for word in words:
         assert word.format(bad=bad) in lines[0], lines[0]
+
+
+def test_a_run_whose_data_config_names_other_code_runs_none_of_it(bad_outcomes: dict, bad: Path) -> None:
+    assert bad_outcomes["data-config-names-other-code"].returncode == 2
+    assert (bad / "victim.txt").read_text() == "precious"
+
+
+def test_export_checks_its_output_before_converting_naming_output(run_dir: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_script("export.py", f"run={run_dir}", "format=onnx", f"output={blocker / 'model.onnx'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: output={blocker / 'model.onnx'} cannot be written"), lines
+    assert "give a writable output=PATH" in lines[0] and "hydra.run.dir" not in lines[0]

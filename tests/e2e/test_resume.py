@@ -5,19 +5,20 @@ deterministic mode), and the W&B run must go on under the same id without loggin
 from __future__ import annotations
 
 import json
-import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, environment
 from tests.helpers.wandb_files import read_offline_run
 
 # 800 images, 10% for validation: 720 / 32 = 23 steps per epoch, so epoch 2 is steps 24-46 and step 30
@@ -76,7 +77,7 @@ def resume(run_dir: Path) -> str:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("uninterrupted")
-    env = {**os.environ, "PERCEIVER_DATA_ROOT": str(root / "data"), "WANDB_MODE": "disabled"}
+    env = environment(PERCEIVER_DATA_ROOT=str(root / "data"), WANDB_MODE="disabled")
     process = start(root / "run", "logger=none", env=env)
     output = finish(process)
     assert process.returncode == 0, output[-3000:]
@@ -128,3 +129,55 @@ def test_sigterm_saves_at_the_next_step_and_resume_continues_the_wandb_run(
     logged = [row["epoch"] for row in first.history] + [row["epoch"] for row in second.history]
     assert logged == [1, 2, 3, 4]  # every epoch once: none lost, none twice
     assert second.summary["test/top1"] == uninterrupted["test"]["top1"]
+
+
+# ----------------------------------------------------------------------------- a checkpoint is data, never code
+
+CRAFTED = {  # what a checkpoint someone hands you could make `resume=` run, each aimed at the file VICTIM
+    "open-for-writing": ("optimizer", {"_target_": "builtins.open", "file": "VICTIM", "mode": "w"}),
+    "remove-through-a-module": ("scheduler", {"_target_": "perceiver.files.os.remove", "path": "VICTIM"}),
+}
+
+
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny unfinished run per CRAFTED entry whose checkpoints' config names that target."""
+    from tests.helpers.runs import train_run
+
+    root = tmp_path_factory.mktemp("crafted")
+    train_run(root / "run", "trainer.epochs=1", "data.source.num_train=200")
+    (root / "run" / "metrics.json").unlink()  # as if it had stopped before the test evaluation
+    for name, (group, node) in CRAFTED.items():
+        shutil.copytree(root / "run", root / name)
+        (root / name / "victim.txt").write_text("precious")
+        for path in [root / name / "last.pt", *(root / name / "checkpoints").glob("*.pt")]:
+            state = torch.load(path, weights_only=True)
+            state["config"][group] = {
+                k: str(root / name / "victim.txt") if v == "VICTIM" else v for k, v in node.items()
+            }
+            path.unlink()  # last.pt is a hard link to the newest checkpoint: write each file afresh
+            torch.save(state, path)
+    return root
+
+
+@pytest.mark.slow
+def test_a_checkpoint_whose_config_names_other_code_is_refused_before_anything_runs(crafted: Path) -> None:
+    def resume(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "train.py", f"resume={crafted / name}", "logger=none", f"hydra.run.dir={crafted / 'out'}"],
+            cwd=REPO,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(CRAFTED, pool.map(resume, CRAFTED), strict=True))
+    for name, result in results.items():
+        group, node = CRAFTED[name]
+        output = result.stdout + result.stderr
+        assert (crafted / name / "victim.txt").read_text() == "precious", output[-3000:]
+        assert result.returncode == 2, output[-3000:]
+        assert f"{group}._target_={node['_target_']!r} is refused" in output, output[-3000:]
+        assert "Traceback" not in output and "trainable parameters" not in output, output[-3000:]

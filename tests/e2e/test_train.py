@@ -157,3 +157,31 @@ def test_a_plain_multirun_leaves_its_summary_table_and_plot(tmp_path: Path) -> N
     assert table[2].startswith(f"| 2 | {mean:.4f} ± {std:.4f} |")
     assert (sweep_dir / "top1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "2 finished, 0 failed, 0 incomplete of 2 jobs" in result.stdout
+
+
+@pytest.mark.slow
+def test_files_an_operating_system_makes_in_an_image_folder_are_skipped_silently(tmp_path: Path) -> None:
+    """Thumbs.db, desktop.ini, .DS_Store, ._* (AppleDouble), hidden files and folders, __MACOSX: not the user's
+    images, so neither an error under data.source.bad_files=error nor a class, an image or a warning."""
+    folder = write_image_folder(tmp_path / "images", ["cat", "dog"], per_class=5, size=(8, 8))
+    write_image_folder(folder / "cat" / ".thumbnails", ["small"], per_class=2, size=(4, 4))  # a hidden folder's images
+    write_image_folder(folder / ".ipynb_checkpoints", ["cat"], per_class=1, size=(8, 8))  # not a class
+    (folder / "__MACOSX" / "cat").mkdir(parents=True)
+    for junk in ("Thumbs.db", "desktop.ini", ".DS_Store", "._0.png", ".hidden.png"):
+        (folder / "cat" / junk).write_bytes(b"\x00\x05\x16\x07 not an image")
+    (folder / "dog" / "THUMBS.DB").write_bytes(b"\x00")
+    run_dir = tmp_path / "run"
+    result = run_train(
+        *SMOKE,
+        "data=imagefolder",
+        f"data.source.path={folder}",
+        "data.source.image_size=16",
+        "trainer.epochs=1",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "data: 8 train / 1 val / 1 test images, 2 classes" in output, output[-3000:]
+    assert "WARNING" not in output and "Thumbs" not in output, output[-3000:]
+    assert (run_dir / "metrics.json").is_file()

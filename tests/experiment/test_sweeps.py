@@ -401,3 +401,28 @@ def test_sweep_errors_are_one_clear_line(
 ) -> None:
     assert sweep.main([a.format(tmp=tmp_path) for a in arguments]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_bad_grid_name_is_one_line_naming_the_grids() -> None:
+    result = python("sweep.py", "ablation=nope", timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: In 'train': Could not find 'ablation/nope': named grids: ")
+    assert lines[0].count("num_latents") == 1 and all(name in lines[0] for name in ABLATIONS)
+
+
+def test_a_sweeps_recorded_logger_naming_other_code_is_refused_and_runs_none_of_it(tmp_path: Path) -> None:
+    """`sweep.py summarize DIR` builds the summary run's logger from DIR's multirun.yaml: a file, so data only."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "0" / ".hydra").mkdir(parents=True)
+    (sweep_dir / "0" / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    logger = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+    recorded = {"hydra": {"overrides": {"task": ["seed=0"]}, "sweeper": {"params": None}}, "logger": logger}
+    (sweep_dir / "multirun.yaml").write_text(yaml.safe_dump(recorded))
+    result = python("sweep.py", "summarize", str(sweep_dir), timeout=120)
+    assert victim.read_text() == "precious", result.stderr[-3000:]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "logger._target_='builtins.open' is refused" in result.stderr and "Traceback" not in result.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from perceiver.experiment.tracking import NullTracker, WandbTracker, has_wandb_credentials, resolve_mode
-from tests.helpers import REPO
+from tests.helpers import REPO, environment
 from tests.helpers.wandb_files import read_offline_run
 
 
@@ -125,7 +124,7 @@ def test_a_wandb_failure_mid_run_goes_on_in_an_offline_run_of_the_same_id(
 def test_unreachable_wandb_server_in_online_mode_trains_on_and_keeps_an_offline_run(tmp_path: Path) -> None:
     """Online mode, a key, and a base URL where nothing listens: W&B cannot start, training must not care."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    env = environment(WANDB_API_KEY="k" * 40, WANDB_BASE_URL="http://127.0.0.1:9")
     started = time.monotonic()
     result = subprocess.run(
         [

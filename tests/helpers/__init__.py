@@ -1,4 +1,4 @@
-"""What several test files share: the repository's paths, one way to isolate the environment and one way to
+"""What several test files share: the repository's paths, the environment every test runs in, one way to
 compose the config, real image folders written on the spot, running the entry points as a user does, and
 reading what a sweep left behind. (Tiny models and training problems: helpers/models.py, helpers/training.py;
 tiny trained runs: helpers/runs.py; W&B's offline files: helpers/wandb_files.py.)"""
@@ -6,6 +6,7 @@ tiny trained runs: helpers/runs.py; W&B's offline files: helpers/wandb_files.py.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -22,37 +23,37 @@ REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
 
 
-def isolate(env: pytest.MonkeyPatch, root: Path) -> None:
-    """Data caches, W&B files (artifact staging too) and credentials below `root`; never a W&B server. Tests pass
-    whatever the caller's environment holds."""
-    env.setenv("PERCEIVER_DATA_ROOT", str(root / "data"))
-    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        env.setenv(name, str(root / name.lower()))
-    env.setenv("WANDB_SILENT", "true")
-    env.setenv("NETRC", str(root / "netrc"))
-    env.delenv("WANDB_API_KEY", raising=False)
-    env.delenv("WANDB_MODE", raising=False)
-
-
-@contextlib.contextmanager
-def isolated(root: Path) -> Iterator[pytest.MonkeyPatch]:
-    """`isolate` for module-scoped fixtures, which run before the per-test isolation (tests/conftest.py) applies."""
-    with pytest.MonkeyPatch.context() as env:
-        isolate(env, root)
-        yield env
-
-
 def compose_config(name: str, *overrides: str, hydra_node: bool = False) -> DictConfig:
     """conf/<name>.yaml composed with overrides, as `python <name>.py OVERRIDES` would; with `hydra_node`, also
     Hydra's own node (launcher, sweeper) as a multirun of that job sees it."""
-    import perceiver.experiment.config  # noqa: F401 - registers the config schemas that conf/train.yaml names
-
     job = {"job_name": name} if hydra_node else {}
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3", **job):
         return compose(name, overrides=list(overrides), return_hydra_config=hydra_node)
 
 
 Colour = Callable[[int, int], tuple[int, int, int]]
+CALLER_PREFIXES = ("HYDRA_", "WANDB_", "PERCEIVER_")  # the caller's settings of Hydra, W&B and this project
+
+
+@contextlib.contextmanager
+def isolated(root: Path) -> Iterator[pytest.MonkeyPatch]:
+    """The environment tests run in, whatever the caller's holds: none of the caller's Hydra, W&B or project
+    variables; data caches, W&B files (artifact staging too) and credentials below `root`; no W&B server.
+    tests/conftest.py applies it to the session and to each test, fixtures with a root of their own too."""
+    with pytest.MonkeyPatch.context() as env:
+        for name in [name for name in os.environ if name.startswith(CALLER_PREFIXES)]:
+            env.delenv(name)
+        env.setenv("PERCEIVER_DATA_ROOT", str(root / "data"))
+        for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+            env.setenv(name, str(root / name.lower()))
+        env.setenv("WANDB_SILENT", "true")
+        env.setenv("NETRC", str(root / "netrc"))
+        yield env
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """The environment a test's subprocess gets: the test's own (isolated) one with `extra` on top."""
+    return {**os.environ, **extra}
 
 
 def write_image_folder(
@@ -75,7 +76,12 @@ def write_image_folder(
 def run_script(script: str, *arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGUMENTS...` from the repository root, as a user runs it; output captured."""
     return subprocess.run(
-        [sys.executable, script, *arguments], cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [sys.executable, script, *arguments],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -1,12 +1,14 @@
 """Tiny trained runs for the tests of what comes after training (load, evaluate, predict, export, fine-tune), made
-once per test module with the environment isolated (`tests.helpers.isolated`)."""
+once per test module with the environment isolated (`tests.helpers.isolated`) below a root of their own."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import compose_config
+from tests.helpers import compose_config, isolated
+
+__all__ = ["compose_config", "isolated", "train_run"]
 
 SMOKE = ("experiment=cpu_smoke", "trainer.epochs=2")
 

@@ -4,7 +4,6 @@ on the CPU (Gloo) against a single process with the same global batch."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from perceiver.data import ArrayDataset, DeviceBatches, EpochSampler, Shard
-from tests.helpers import REPO
+from tests.helpers import REPO, environment
 from tests.helpers.wandb_files import read_offline_run
 
 # No randomness besides the data order, so one process and two must compute the same thing.
@@ -70,7 +69,7 @@ def test_torchrun_on_two_cpu_ranks_equals_one_process_with_the_same_global_batch
             capture_output=True,
             text=True,
             timeout=300,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env=environment(OMP_NUM_THREADS="1"),
         )
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads((run_dir / "metrics.json").read_text())

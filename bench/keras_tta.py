@@ -1,0 +1,106 @@
+"""The Keras peer of `python -m bench tta`: the keras.io example's model and recipe, Keras 3 on the torch backend,
+on the MNIST family's idx files (read by this project's reader, so both peers see the same pixels).
+
+    python -m bench.keras_tta train --data DIR --states DIR [--setting fashion_mnist] [--epochs 50]
+    python -m bench.keras_tta evaluate --data DIR [--setting fashion_mnist] --weights FILE...
+
+`train` is the timed process. As the example: its input layers (Normalization adapted on the training images,
+Resizing, RandomFlip("horizontal"), RandomZoom(0.2, 0.2)), AdamW(1e-3, weight decay 1e-4), batch 64, its dropout,
+ReduceLROnPlateau(factor 0.2, patience 3), EarlyStopping(patience 15, best weights restored), the last 10% of the
+training images for validation. After every epoch it saves the weights and the epoch's validation loss
+(`epoch-NNN.npz`, written whole then renamed: its mtime is the epoch's end), and evaluates nothing else.
+
+`evaluate` runs afterwards, untimed: the test top-1 of each weights file given, one JSON line {file: top1}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from bench.keras_example import build_example, keras
+from bench.settings import SETTINGS
+from perceiver.data.mnist import idx_file, read_idx
+
+SEED = 42  # train.py's default seed
+
+
+def load_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 28, 28, 1) float32 images in 0-255 and int32 labels of the split `prefix` (train or t10k)."""
+    images = read_idx(idx_file(folder, f"{prefix}-images-idx3-ubyte"), dims=3)
+    labels = read_idx(idx_file(folder, f"{prefix}-labels-idx1-ubyte"), dims=1)
+    return images[..., None].astype(np.float32), labels.astype(np.int32)
+
+
+def example_model(train_images: np.ndarray, setting_name: str) -> tuple[keras.Model, int]:
+    """The example's model, its Normalization adapted on the training images; and the batch size."""
+    keras.utils.set_random_seed(SEED)
+    setting = dataclasses.replace(SETTINGS[setting_name], num_classes=10)
+    return build_example(train_images, setting, augment=True), setting.batch_size
+
+
+class SaveEveryEpoch(keras.callbacks.Callback):
+    """`epoch-NNN.npz` in `folder` after every epoch: the model's weights and the epoch's validation loss."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        path = self.folder / f"epoch-{epoch + 1:03d}.npz"
+        partial = path.with_suffix(".partial")
+        weights = {f"w{i:04d}": w for i, w in enumerate(self.model.get_weights())}
+        with open(partial, "wb") as file:
+            np.savez(file, val_loss=np.float64((logs or {})["val_loss"]), **weights)
+        os.replace(partial, path)
+
+
+def train(folder: Path, states: Path, setting_name: str, epochs: int) -> None:
+    states.mkdir(parents=True, exist_ok=True)
+    x, y = load_split(folder, "train")
+    model, batch_size = example_model(x, setting_name)
+    callbacks = [
+        SaveEveryEpoch(states),  # first: the epoch's own weights, before EarlyStopping may restore the best
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=15, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=3),
+    ]
+    model.fit(x, y, batch_size=batch_size, epochs=epochs, validation_split=0.1, callbacks=callbacks, verbose=2)
+
+
+def evaluate(folder: Path, setting_name: str, files: list[Path]) -> dict[str, float]:
+    """Test top-1 of each weights file, as the example's `model.evaluate` computes it."""
+    model, batch_size = example_model(load_split(folder, "train")[0], setting_name)
+    x_test, y_test = load_split(folder, "t10k")
+    top1 = {}
+    for file in files:
+        with np.load(file) as saved:
+            model.set_weights([saved[name] for name in sorted(saved.files) if name.startswith("w")])
+        _, accuracy = model.evaluate(x_test, y_test, batch_size=batch_size, verbose=0)
+        top1[str(file)] = float(accuracy)
+    return top1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("train", "evaluate"))
+    parser.add_argument("--data", type=Path, required=True, help="a folder holding the four idx files")
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="fashion_mnist")
+    parser.add_argument("--epochs", type=int, default=50, help="the example's num_epochs")
+    parser.add_argument("--states", type=Path, help="train: where the weights of every epoch go")
+    parser.add_argument("--weights", nargs="+", type=Path, default=[], help="evaluate: the weights files")
+    args = parser.parse_args(argv)
+    if args.action == "train":
+        if args.states is None:
+            parser.error("train needs --states DIR")
+        train(args.data, args.states, args.setting, args.epochs)
+    else:
+        print(json.dumps(evaluate(args.data, args.setting, args.weights)))
+
+
+if __name__ == "__main__":
+    main()
