@@ -37,6 +37,7 @@ from perceiver.training.metrics import (
     training_flops,
     utilisation,
 )
+from perceiver.training.schedules import StepSchedule
 from perceiver.training.settings import TrainSettings
 from perceiver.training.signals import StopSignals, TrainingInterrupted
 from perceiver.training.state import BestModel, CheckpointError, RunRecord, TrainState, restore_rng
@@ -149,6 +150,8 @@ def fit(
     read_every = settings.log_every_n_steps if settings.checks_on_device(device) else 1  # flags: host reads
     checkpointer = Checkpointer(run_dir, settings.keep_checkpoints) if settings.save_checkpoints and is_main else None
     batches_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
+    if isinstance(scheduler, StepSchedule) and batches_per_epoch is None:
+        raise ValueError("a per-step schedule measures progress in epochs: the train loader must have a length")
     every, draw_bar = settings.log_every_n_steps, draws_progress_bar(settings.progress_bar)
     log_lines = not draw_bar and is_main and (batches_per_epoch is None or batches_per_epoch > 4 * every)
     reads_loss = draw_bar or log_lines or (is_main and log_row is not None)  # the loss, every `every` steps
@@ -198,7 +201,9 @@ def fit(
                 )
             train_model.train()
             for batch, (images, labels) in enumerate(batches, start=first_batch + 1):
-                # ---- the training step: augment, forward, loss, backward, clip, update
+                # ---- the training step: set the rate, augment, forward, loss, backward, clip, update
+                if isinstance(scheduler, StepSchedule):  # a per-step schedule: the rate from the progress made
+                    scheduler.set_progress((global_step + 1) / batches_per_epoch)
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 inputs, targets = augment(images, labels)  # (B, C, H, W) normalised; targets soft under Mixup
@@ -213,7 +218,7 @@ def fit(
                     nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm)
                 masked_update(optimizer, scaler, finite)
                 current.metrics.update(loss, logits, labels, keep=finite)
-                # (a per-step learning-rate schedule or an EMA of the weights goes here, after the update)
+                # (an EMA of the weights goes here, after the update)
                 global_step += 1
 
                 # ---- at the step boundary: the non-finite policy, logging, checkpoints, stop requests
@@ -326,7 +331,7 @@ def diverged(
 def step_scheduler(scheduler: Any, epochs_done: int, val_loss: float) -> None:
     """Advance an epoch-wise scheduler: torch's ReduceLROnPlateau reads the validation loss, timm's
     schedulers take the epoch count, other torch schedulers step plainly."""
-    if scheduler is None:
+    if scheduler is None or isinstance(scheduler, StepSchedule):  # that one is set at every step
         return
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(val_loss)

@@ -1,28 +1,28 @@
-"""Learning-rate schedules stepped after every optimizer step.
+"""Learning-rate schedules set before every optimizer step.
 
 An epoch-wise schedule holds each rate for a whole epoch, so on a short run a one-epoch warm-up trains the
-first epoch at the warm-up's starting rate. These change the rate at every step; they are written in epochs
-(what a user knows when writing the config) and counted in steps.
+first epoch at the warm-up's starting rate. `StepSchedule` sets the rate at every step from the training
+progress in epochs (`fit` passes the progress at the end of the step it is about to take), so it holds no
+state of its own and a resumed run continues on the same curve.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 DECAYS = ("cosine", "linear", "constant")
 
 
-class StepSchedule(torch.optim.lr_scheduler.LRScheduler):
+class StepSchedule:
     """A linear warm-up from 0 to each group's learning rate over `warmup_epochs`, then a `decay` (cosine |
-    linear | constant) to `final_lr_ratio` times that rate at the end of `epochs`. Step it after every
-    optimizer step; its state (the step count) is saved with the checkpoint like any torch scheduler's."""
+    linear | constant) to `final_lr_ratio` times that rate at the end of `epochs`."""
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        steps_per_epoch: int,
         epochs: int,
         warmup_epochs: float = 1.0,
         decay: str = "cosine",
@@ -32,28 +32,37 @@ class StepSchedule(torch.optim.lr_scheduler.LRScheduler):
             raise ValueError(f"decay={decay!r} is invalid: choose one of {', '.join(DECAYS)}")
         if not 0.0 <= final_lr_ratio <= 1.0:
             raise ValueError(f"final_lr_ratio={final_lr_ratio} is invalid: it must lie in [0, 1]")
-        if warmup_epochs < 0 or steps_per_epoch < 1 or epochs < 1:
+        if warmup_epochs < 0 or epochs < 1:
             raise ValueError(
-                f"warmup_epochs={warmup_epochs}, steps_per_epoch={steps_per_epoch}, epochs={epochs}: "
-                "the warm-up cannot be negative and a run has at least one step"
+                f"warmup_epochs={warmup_epochs}, epochs={epochs}: the warm-up cannot be negative and a run has "
+                "at least one epoch"
             )
-        self.total_steps = steps_per_epoch * epochs
-        self.warmup_steps = min(round(warmup_epochs * steps_per_epoch), self.total_steps)
+        self.optimizer, self.epochs, self.warmup_epochs = optimizer, epochs, warmup_epochs
         self.decay, self.final_lr_ratio = decay, final_lr_ratio
-        super().__init__(optimizer)
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
 
-    def factor(self, step: int) -> float:
-        """The learning rate at `step` (0 = the first) as a fraction of the configured one."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+    def factor(self, progress: float) -> float:
+        """The rate after `progress` epochs of training, as a fraction of the configured one."""
+        if progress < self.warmup_epochs:
+            return progress / self.warmup_epochs
+        span = max(self.epochs - self.warmup_epochs, 1e-12)
+        done = min(1.0, (progress - self.warmup_epochs) / span)
         if self.decay == "cosine":
-            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+            shape = 0.5 * (1.0 + math.cos(math.pi * done))
         elif self.decay == "linear":
-            shape = 1.0 - progress
+            shape = 1.0 - done
         else:
             shape = 1.0
         return self.final_lr_ratio + (1.0 - self.final_lr_ratio) * shape
 
-    def get_lr(self) -> list[float]:
-        return [base * self.factor(self.last_epoch) for base in self.base_lrs]  # last_epoch counts steps here
+    def set_progress(self, progress: float) -> None:
+        """Set every group's rate for the step that ends at `progress` epochs (the first: 1 / batches per epoch)."""
+        factor = self.factor(progress)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base_lrs = list(state["base_lrs"])

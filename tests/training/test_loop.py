@@ -24,6 +24,7 @@ from perceiver.training import EpochEnd, TrainingInterrupted, TrainState, distri
 from perceiver.training.checkpoint import read_checkpoint
 from perceiver.training.loop import step_scheduler
 from perceiver.training.metrics import RunningMetrics, classification_loss
+from perceiver.training.schedules import StepSchedule
 from perceiver.training.stopping import EarlyStopping, NonFiniteLossError
 from tests.helpers import REPO
 from tests.helpers.training import TINY_CLASSIFIER as TINY
@@ -143,7 +144,9 @@ def test_cosine_config_warms_up_then_follows_the_cosine(compose_config) -> None:
 # ----------------------------------------------------------------------------- fit
 
 
-def tiny_fit(run_dir: Path, resume: dict | None = None, model: torch.nn.Module | None = None, **settings):
+def tiny_fit(
+    run_dir: Path, resume: dict | None = None, model: torch.nn.Module | None = None, schedule=None, **settings
+):
     torch.manual_seed(0)
     model = model or Perceiver(
         image_size=8, patch_size=4, num_classes=2, latent_dim=4, projection_dim=8, num_heads=1, dropout_rate=0.2
@@ -152,7 +155,10 @@ def tiny_fit(run_dir: Path, resume: dict | None = None, model: torch.nn.Module |
     augment.set_statistics([100.0] * 3, [60.0] * 3)
     train, val = tiny_problem()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
+    if schedule is None:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
+    else:
+        scheduler = schedule(optimizer)
     options = {"epochs": 3, "progress_bar": False, "device": "cpu", "early_stopping_patience": None, **settings}
     parts = TrainingParts(model, augment, optimizer, scheduler, num_classes=2)
     state = TrainState.from_dict(resume) if resume is not None else None
@@ -171,6 +177,29 @@ def test_fit_resumed_mid_epoch_ends_exactly_like_an_uninterrupted_fit(tmp_path: 
     resumed, resumed_model = tiny_fit(tmp_path / "part", resume=state)
     assert without_timing(resumed.history) == without_timing(whole.history)
     assert (resumed.best_epoch, resumed.best_val) == (whole.best_epoch, whole.best_val)
+    for name, tensor in whole_model.state_dict().items():
+        assert torch.equal(tensor, resumed_model.state_dict()[name]), name
+
+
+def test_a_per_step_schedule_sets_every_step_and_resumes_exactly(tmp_path: Path) -> None:
+    """scheduler=warmup_cosine: 3 batches per epoch, a warm-up of 1.5 epochs; resumed at epoch 2, batch 1."""
+    seen: list[float] = []
+
+    def schedule(optimizer: torch.optim.Optimizer) -> StepSchedule:
+        made = StepSchedule(optimizer, epochs=3, warmup_epochs=1.5)
+        original = optimizer.step
+        optimizer.step = lambda *a, **k: (seen.append(optimizer.param_groups[0]["lr"]), original(*a, **k))[1]
+        return made
+
+    whole, whole_model = tiny_fit(tmp_path / "whole", schedule=schedule)
+    expected = [1e-2 * (s / 4.5 if s < 4.5 else 0.5 * (1 + math.cos(math.pi * (s - 4.5) / 4.5))) for s in range(1, 10)]
+    assert seen == pytest.approx(expected, rel=1e-9)
+    assert [row["lr"] for row in whole.history] == pytest.approx([expected[2], expected[5], expected[8]])
+    tiny_fit(tmp_path / "part", schedule=schedule, checkpoint_every_n_steps=2, keep_checkpoints=10)
+    state = read_checkpoint(tmp_path / "part" / "checkpoints" / "step-00000004.pt")
+    torch.manual_seed(123)
+    resumed, resumed_model = tiny_fit(tmp_path / "part", resume=state, schedule=schedule)
+    assert without_timing(resumed.history) == without_timing(whole.history)
     for name, tensor in whole_model.state_dict().items():
         assert torch.equal(tensor, resumed_model.state_dict()[name]), name
 
