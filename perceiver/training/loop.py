@@ -150,8 +150,6 @@ def fit(
     read_every = settings.log_every_n_steps if settings.checks_on_device(device) else 1  # flags: host reads
     checkpointer = Checkpointer(run_dir, settings.keep_checkpoints) if settings.save_checkpoints and is_main else None
     batches_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
-    if isinstance(scheduler, StepSchedule) and batches_per_epoch is None:
-        raise ValueError("a per-step schedule measures progress in epochs: the train loader must have a length")
     every, draw_bar = settings.log_every_n_steps, draws_progress_bar(settings.progress_bar)
     log_lines = not draw_bar and is_main and (batches_per_epoch is None or batches_per_epoch > 4 * every)
     reads_loss = draw_bar or log_lines or (is_main and log_row is not None)  # the loss, every `every` steps
@@ -202,8 +200,8 @@ def fit(
             train_model.train()
             for batch, (images, labels) in enumerate(batches, start=first_batch + 1):
                 # ---- the training step: set the rate, augment, forward, loss, backward, clip, update
-                if isinstance(scheduler, StepSchedule):  # a per-step schedule: the rate from the progress made
-                    scheduler.set_progress((global_step + 1) / batches_per_epoch)
+                if isinstance(scheduler, StepSchedule):  # a per-step schedule: this step's rate
+                    scheduler.set_step(global_step + 1, batches_per_epoch)
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 inputs, targets = augment(images, labels)  # (B, C, H, W) normalised; targets soft under Mixup

@@ -2,7 +2,7 @@
 
 An epoch-wise schedule holds each rate for a whole epoch, so on a short run a one-epoch warm-up trains the
 first epoch at the warm-up's starting rate. `StepSchedule` sets the rate at every step from the training
-progress in epochs (`fit` passes the progress at the end of the step it is about to take), so it holds no
+progress in epochs (the end of the step about to be taken), so it holds no
 state of its own and a resumed run continues on the same curve.
 """
 
@@ -55,9 +55,11 @@ class StepSchedule:
             shape = 1.0
         return self.final_lr_ratio + (1.0 - self.final_lr_ratio) * shape
 
-    def set_progress(self, progress: float) -> None:
-        """Set every group's rate for the step that ends at `progress` epochs (the first: 1 / batches per epoch)."""
-        factor = self.factor(progress)
+    def set_step(self, step: int, steps_per_epoch: int | None) -> None:
+        """Set every group's rate for the `step`-th step (the first is 1) of a run of `steps_per_epoch` a epoch."""
+        if steps_per_epoch is None:
+            raise ValueError("a per-step schedule measures progress in epochs: the train loader must have a length")
+        factor = self.factor(step / steps_per_epoch)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
 

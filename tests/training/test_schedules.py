@@ -17,7 +17,7 @@ def rates(steps_per_epoch: int, epochs: int, **kwargs) -> list[float]:
     schedule = StepSchedule(optimizer, epochs, **kwargs)
     seen = []
     for step in range(steps_per_epoch * epochs):
-        schedule.set_progress((step + 1) / steps_per_epoch)
+        schedule.set_step(step + 1, steps_per_epoch)
         seen.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
     return seen
@@ -52,12 +52,12 @@ def test_no_warm_up_starts_at_the_full_rate():
 def test_a_restored_schedule_sets_the_same_rates():
     optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
     schedule = StepSchedule(optimizer, 3)
-    schedule.set_progress(1.3)
+    schedule.set_step(13, 10)
     state, lr = schedule.state_dict(), optimizer.param_groups[0]["lr"]
     optimizer.param_groups[0]["lr"] = 123.0  # as an optimizer state restored mid-run carries the current rate
     again = StepSchedule(optimizer, 3)
     again.load_state_dict(state)
-    again.set_progress(1.3)
+    again.set_step(13, 10)
     assert optimizer.param_groups[0]["lr"] == lr
 
 
@@ -69,3 +69,9 @@ def test_bad_settings_are_refused_by_name(kwargs, names):
     optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
     with pytest.raises(ValueError, match=names):
         StepSchedule(optimizer, 3, **kwargs)
+
+
+def test_a_loader_without_a_length_is_refused_by_what_it_lacks():
+    schedule = StepSchedule(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), 3)
+    with pytest.raises(ValueError, match="must have a length"):
+        schedule.set_step(1, None)
