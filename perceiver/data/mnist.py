@@ -38,11 +38,7 @@ class MnistSource:
 
     image_size = 28
     families: ClassVar[dict[str, Family]] = {
-        "mnist": Family(
-            "MNIST",
-            None,
-            [f"{d} - {w}" for d, w in enumerate(DIGITS)],
-        ),
+        "mnist": Family("MNIST", None, [f"{d} - {w}" for d, w in enumerate(DIGITS)]),
         "fashion_mnist": Family(
             "FashionMNIST",
             "dataset-fashion-mnist",
@@ -109,7 +105,7 @@ class MnistSource:
         if folder is None:
             self._download()
             folder = self.torchvision_folder
-        return tuple(self._read_split(folder, prefix) for prefix in SPLITS.values())  # type: ignore[return-value]
+        return self._read_split(folder, SPLITS["train"]), self._read_split(folder, SPLITS["test"])
 
     def _read_split(self, folder: Path, prefix: str) -> ArrayDataset:
         image_path = idx_file(folder, f"{prefix}-images-idx3-ubyte")
