@@ -25,13 +25,14 @@ import numpy as np
 
 from bench.keras_example import build_example, keras
 from bench.settings import SETTINGS
-from perceiver.data.mnist import idx_file, read_idx
+from perceiver.data.mnist import SPLITS, idx_file, read_idx
 
 SEED = 42  # train.py's default seed
 
 
-def load_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 28, 28, 1) float32 images in 0-255 and int32 labels of the split `prefix` (train or t10k)."""
+def load_arrays(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 28, 28, 1) float32 images in 0-255 and int32 labels of the split (train or test)."""
+    prefix = SPLITS[split]
     images = read_idx(idx_file(folder, f"{prefix}-images-idx3-ubyte"), dims=3)
     labels = read_idx(idx_file(folder, f"{prefix}-labels-idx1-ubyte"), dims=1)
     return images[..., None].astype(np.float32), labels.astype(np.int32)
@@ -62,7 +63,7 @@ class SaveEveryEpoch(keras.callbacks.Callback):
 
 def train(folder: Path, states: Path, setting_name: str, epochs: int) -> None:
     states.mkdir(parents=True, exist_ok=True)
-    x, y = load_split(folder, "train")
+    x, y = load_arrays(folder, "train")
     model, batch_size = example_model(x, setting_name)
     callbacks = [
         SaveEveryEpoch(states),  # first: the epoch's own weights, before EarlyStopping may restore the best
@@ -74,8 +75,8 @@ def train(folder: Path, states: Path, setting_name: str, epochs: int) -> None:
 
 def evaluate(folder: Path, setting_name: str, files: list[Path]) -> dict[str, float]:
     """Test top-1 of each weights file, as the example's `model.evaluate` computes it."""
-    model, batch_size = example_model(load_split(folder, "train")[0], setting_name)
-    x_test, y_test = load_split(folder, "t10k")
+    model, batch_size = example_model(load_arrays(folder, "train")[0], setting_name)
+    x_test, y_test = load_arrays(folder, "test")
     top1 = {}
     for file in files:
         with np.load(file) as saved:

@@ -54,7 +54,7 @@ import perceiver.experiment.config  # noqa: F401 - registers the schemas conf/tr
 from bench.settings import SETTINGS
 from bench.tta_report import PEERS as PEER_LABELS
 from bench.tta_report import best_so_far, draw_curves, report
-from perceiver.data.mnist import file_stems, idx_file
+from perceiver.data.mnist import SPLITS, file_stems, idx_file
 from perceiver.experiment.evaluation import eval_device, evaluate_classifier, load_split
 from perceiver.inference import Classifier, read_model_file
 from perceiver.training.checkpoint import read_checkpoint
@@ -120,7 +120,7 @@ def write_tiny_data(folder: Path, train: int = 320, test: int = 100, seed: int =
     the class."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for prefix, count in (("train", train), ("t10k", test)):
+    for prefix, count in ((SPLITS["train"], train), (SPLITS["test"], test)):
         labels = rng.integers(0, 10, count).astype(np.uint8)
         images = rng.integers(0, 96, (count, 28, 28)).astype(np.uint8)
         rows = 3 + 2 * labels.astype(np.int64)[:, None] + np.arange(2)  # (N, 2): the bar's rows
