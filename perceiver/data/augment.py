@@ -137,7 +137,7 @@ class BatchAugment(nn.Module):
     @property
     def channels(self) -> int:
         """The images' channels: as many as the statistics have (3 until they are set)."""
-        return self.mean.shape[1]
+        return self.preprocess.mean.shape[1]
 
     def set_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.preprocess.set_statistics(mean, std)

@@ -265,7 +265,7 @@ def test_train_py_on_idx_files_trains_a_one_channel_model_end_to_end(tmp_path: P
     assert (run_dir / "attention" / "final.png").is_file()
     classifier = load_run(run_dir, device="cpu")
     assert classifier.in_channels == 1 and classifier.classes[0] == "T-shirt/top"
-    assert classifier.augment.mean.shape == (1, 1, 1, 1)
+    assert classifier.preprocess.mean.shape == (1, 1, 1, 1)
     grey = tmp_path / "grey.png"
     Image.fromarray(np.full((40, 40), 200, dtype=np.uint8)).save(grey)
     assert classifier.as_batch(grey).shape == (1, 1, 28, 28)
@@ -273,4 +273,4 @@ def test_train_py_on_idx_files_trains_a_one_channel_model_end_to_end(tmp_path: P
     program = torch.export.load(export(classifier, tmp_path / "model.pt2", format="torch_export")).module()
     images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
     assert torch.allclose(program(images), classifier.logits(images), atol=1e-4)
-    assert "(batch, 1, 28, 28), L" in classifier.describe()["input"]
+    assert "(batch, 1, 28, 28), L" in classifier.metadata()["input"]
