@@ -56,7 +56,8 @@ from bench.tta_report import PEERS as PEER_LABELS
 from bench.tta_report import best_so_far, draw_curves, report
 from perceiver.data.mnist import SPLITS, file_stems, idx_file
 from perceiver.experiment.evaluation import eval_device, evaluate_classifier, load_split
-from perceiver.inference import Classifier, read_model_file
+from perceiver.inference import read_model_file
+from perceiver.inference.runs import classifier_from
 from perceiver.training.checkpoint import read_checkpoint
 from perceiver.training.state import TrainState
 
@@ -247,7 +248,7 @@ def our_test_top1(run_dir: Path, holders: dict[str, Path]) -> dict[str, float]:
     for model, path in holders.items():
         state = TrainState.from_dict(read_checkpoint(path), path)
         best = dataclasses.replace(card, model=state.best_model, epoch=state.best_epoch)
-        classifier = Classifier.from_model_file(best, path).to(device)
+        classifier = classifier_from(best, path).to(device)
         top1[model] = evaluate_classifier(classifier, test, config)["top1"]
     return top1
 
