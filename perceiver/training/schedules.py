@@ -56,7 +56,7 @@ class StepSchedule:
         return self.final_lr_ratio + (1.0 - self.final_lr_ratio) * shape
 
     def set_step(self, step: int, steps_per_epoch: int | None) -> None:
-        """Set every group's rate for the `step`-th step (the first is 1) of a run of `steps_per_epoch` a epoch."""
+        """Set every group's rate for the `step`-th step (the first is 1), with `steps_per_epoch` steps an epoch."""
         if steps_per_epoch is None:
             raise ValueError("a per-step schedule measures progress in epochs: the train loader must have a length")
         factor = self.factor(step / steps_per_epoch)
