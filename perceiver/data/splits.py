@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from perceiver.data.cache import CacheDir
-from perceiver.data.dataset import ArrayDataset, split_indices
+from perceiver.data.dataset import ArrayDataset, DataError, split_indices
 from perceiver.data.sources import DataSource
 
 
@@ -71,19 +71,42 @@ class Splits:
 
 
 def prepare_splits(
-    source: DataSource, val_fraction: float = 0.1, seed: int = 0, cache_dir: Path | None = None
+    source: DataSource,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    train_size: int | None = None,
 ) -> Splits:
     """Load a source, hold out a seeded validation split of its training set, and compute
-    normalisation statistics on what remains (the example's `Normalization.adapt`). A failed load
+    normalisation statistics on what remains (the example's `Normalization.adapt`). `train_size` keeps a seeded
+    sample of that many training images (a reduced setting); the validation and test sets stay whole. A failed load
     raises DataError itself; callers that want to fail before other work call `source.check()` first."""
     train_full, test = source.load()
-    train, val = split_validation(train_full, val_fraction, seed)
+    train, val = split_validation(train_full, val_fraction, seed, train_size)
     key = f"{source.cache_key}-n{len(train_full)}-val{val_fraction}-seed{seed}"
+    key += f"-train{train_size}" if train_size is not None else ""
     mean, std = cached_channel_stats(train, key, cache_dir)
     return Splits(train, val, test, source.num_classes, mean, std)
 
 
-def split_validation(train_full: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+def split_validation(
+    train_full: Dataset, val_fraction: float, seed: int, train_size: int | None = None
+) -> tuple[Dataset, Dataset]:
     """(train, validation): the seeded split a run trains and validates on, the same for every later use of it."""
     train_idx, val_idx = split_indices(len(train_full), val_fraction, seed, "data.val_fraction", "training images")
+    if train_size is not None:
+        train_idx = sample_indices(train_idx, train_size, seed)
     return subset(train_full, train_idx), subset(train_full, val_idx)
+
+
+def sample_indices(indices: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """A seeded sample of `size` of `indices` (sorted), for `data.train_size`; an error when there are fewer."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"data.train_size={size!r} is invalid: it must be a number of images >= 1, or null for all")
+    if size > len(indices):
+        raise DataError(
+            f"data.train_size={size} asks for more training images than the split leaves ({len(indices)}): "
+            f"lower it to at most {len(indices)}, or set it to null for all of them"
+        )
+    order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed + 1))  # apart from the split's
+    return indices[order[:size]].sort().values

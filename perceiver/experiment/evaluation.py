@@ -137,7 +137,7 @@ def load_split(node: DictConfig, split: str, seed: int, model_classes: list[str]
         return test
     if split == "all":
         return whole(train_full, test)
-    train, val = split_validation(train_full, node.get("val_fraction", 0.1), seed)
+    train, val = split_validation(train_full, node.get("val_fraction", 0.1), seed, node.get("train_size"))
     return val if split == "val" else train
 
 

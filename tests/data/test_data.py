@@ -469,6 +469,27 @@ def test_prepare_splits_val_split_depends_on_seed() -> None:
     assert rows_as_bytes(first.val.images) != rows_as_bytes(second.val.images)
 
 
+def test_prepare_splits_train_size_samples_the_training_split_only(tmp_path: Path) -> None:
+    whole = prepare_splits(small_synthetic(num_train=200, num_test=50), seed=3)
+    reduced = prepare_splits(small_synthetic(num_train=200, num_test=50), seed=3, cache_dir=tmp_path, train_size=60)
+    again = prepare_splits(small_synthetic(num_train=200, num_test=50), seed=3, train_size=60)
+
+    assert len(reduced.train) == 60 and len(whole.train) == 180
+    assert rows_as_bytes(reduced.val.images) == rows_as_bytes(whole.val.images)  # validation and test stay whole
+    assert torch.equal(reduced.test.images, whole.test.images)
+    assert set(rows_as_bytes(reduced.train.images)) <= set(rows_as_bytes(whole.train.images))
+    assert rows_as_bytes(reduced.train.images) != rows_as_bytes(whole.train.images[:60])  # a sample, not the head
+    assert torch.equal(reduced.train.images, again.train.images)  # seeded
+    np.testing.assert_allclose(reduced.mean, numpy_channel_stats(reduced.train.images)[0], rtol=1e-12)
+    assert len(list(tmp_path.glob("stats-synthetic-*-seed3-train60.json"))) == 1  # not the whole split's statistics
+
+
+@pytest.mark.parametrize("size, says", [(181, "at most 180"), (0, ">= 1"), (2.5, ">= 1")])
+def test_prepare_splits_refuses_a_train_size_the_split_cannot_give(size: object, says: str) -> None:
+    with pytest.raises((DataError, ValueError), match=rf"data\.train_size={size}.*{says}"):
+        prepare_splits(small_synthetic(num_train=200, num_test=50), train_size=size)
+
+
 # ----------------------------------------------------------------------------- loaders
 
 
