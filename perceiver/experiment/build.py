@@ -153,8 +153,8 @@ def shared_cache_dir(cfg: DictConfig) -> Path | None:
 def load_data(cfg: DictConfig, parts: Parts) -> Splits:
     """Load, split and measure the data; the first step that can take long (a download)."""
     try:
-        data = cfg.data
-        splits = prepare_splits(parts.source, data.val_fraction, cfg.seed, shared_cache_dir(cfg), data.get("train_size"))
+        size = cfg.data.get("train_size")  # configs saved before it existed (a resumed run's) have none
+        splits = prepare_splits(parts.source, cfg.data.val_fraction, cfg.seed, shared_cache_dir(cfg), size)
     except (DataError, ValueError) as error:
         raise ConfigError(str(error)) from error
     sizes = (len(splits.train), len(splits.val), len(splits.test), splits.num_classes)
