@@ -4,7 +4,7 @@
     python sweep.py ablation=num_latents --wandb-sweep                write (and create) a native W&B sweep
     python sweep.py resume DIR                                        run the jobs of DIR that did not finish
     python sweep.py summarize DIR                                     summarise DIR again
-    python sweep.py report DIR [DIR ...] [--out PAGE.md]             one results page from finished sweeps
+    python sweep.py report DIR [DIR ...] [--out PAGE.md] [--findings F]  one results page from finished sweeps
     python sweep.py list                                              the named grids (conf/ablation/)
 
 A grid is `python train.py --multirun` (any launcher); its summary callback writes the tables, plot and sweep.json.
@@ -53,6 +53,7 @@ def parse_arguments(args: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--wandb-sweep", action="store_true", help="write a native W&B sweep config instead of running")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the summary run to W&B")
     parser.add_argument("--out", default="results.md", help="report: the page to write (its figures go beside it)")
+    parser.add_argument("--findings", help="report: a YAML file of ablation name -> what this reproduction finds")
     return parser.parse_args(args)
 
 
@@ -71,7 +72,8 @@ def dispatch(options: argparse.Namespace) -> int:
         print("\n".join(f"{name:24s} {comment}" for name, comment in ablations(CONF).items()))
         return 0
     if command == "report":  # the page names this command, and the one that ran each sweep
-        return write_page(words[1:], Path(options.out), CONF, program="python sweep.py")
+        findings = Path(options.findings) if options.findings else None
+        return write_page(words[1:], Path(options.out), CONF, program="python sweep.py", findings=findings)
     if command == "summarize":
         sweep_dir = sweep_directory(words)
         try:

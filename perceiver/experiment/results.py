@@ -398,11 +398,13 @@ def point_label(axis: Axis, job: JobResult) -> str:
     return ",".join(f"{short_key(k, axis.keys)}={v}" for k, v in zip(axis.keys, job.point, strict=True))
 
 
-def axis_section(axis: Axis, figure: str | None, paper: str | None, program: str) -> list[str]:
+def axis_section(axis: Axis, figure: str | None, paper: str | None, finding: str | None, program: str) -> list[str]:
     settings = " ".join(axis.fixed) or "the defaults"
     lines = [f"## {axis.name}", "", f"x axis `{axis.axis or '-'}`; other settings: `{settings}`.", ""]
     if paper:
         lines += [f"**The paper:** {paper}", ""]
+    if finding:
+        lines += [f"**This reproduction:** {finding}", ""]
     lines += [*axis_table(axis), ""]
     if figure:
         lines += [f"![{axis.name}: test top-1, mean ± std over seeds, every seed a dot]({figure})", ""]
@@ -422,7 +424,14 @@ def axis_section(axis: Axis, figure: str | None, paper: str | None, program: str
     return lines
 
 
-def page_text(axes: Sequence[Axis], figures: dict[str, str], papers: dict[str, str], program: str, command: str) -> str:
+def page_text(
+    axes: Sequence[Axis],
+    figures: dict[str, str],
+    papers: dict[str, str],
+    findings: dict[str, str],
+    program: str,
+    command: str,
+) -> str:
     lines = [
         "# Ablation results",
         "",
@@ -435,7 +444,8 @@ def page_text(axes: Sequence[Axis], figures: dict[str, str], papers: dict[str, s
         "",
     ]
     for axis in axes:
-        lines += axis_section(axis, figures.get(axis.name), papers.get(axis.sweeps[0].ablation or ""), program)
+        name = axis.sweeps[0].ablation or ""
+        lines += axis_section(axis, figures.get(axis.name), papers.get(name), findings.get(name), program)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -449,13 +459,36 @@ def paper_findings(conf_dir: Path) -> dict[str, str]:
     return findings
 
 
-def write_page(directories: Sequence[str], page: Path, conf_dir: Path, program: str) -> int:
+def read_findings(path: Path | None, ablations: Sequence[str]) -> dict[str, str]:
+    """What the reproduction finds per ablation, in the author's words (a YAML mapping of ablation name to text),
+    set beside the paper's finding; a name that no given sweep ran is refused, as a likely typo."""
+    if path is None:
+        return {}
+    try:
+        findings = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise SweepError(f"cannot read the findings file {path}: {error}") from error
+    if not isinstance(findings, dict) or not all(isinstance(text, str) for text in findings.values()):
+        raise SweepError(f"{path} must map ablation names to text, e.g. `num_latents: More latents ...`")
+    unknown = sorted(set(findings) - set(ablations))
+    if unknown:
+        raise SweepError(f"{path} names {', '.join(unknown)}, which none of the sweeps ran: {', '.join(ablations)}")
+    return findings
+
+
+def write_page(
+    directories: Sequence[str], page: Path, conf_dir: Path, program: str, findings: Path | None = None
+) -> int:
     """The page of the sweeps in `directories` and one figure per axis beside it (PAGE-STEM_AXIS.png). `program`
-    is the sweep command that called (`python sweep.py`): the page names it with the sweeps' own command lines."""
+    is the sweep command that called (`python sweep.py`): the page names it with the sweeps' own command lines.
+    `findings` (YAML, ablation name -> text) adds what the reproduction finds beside each axis' paper finding."""
     if not directories:
-        raise SweepError(f"usage: {program} report SWEEP_DIR [SWEEP_DIR ...] [--out PAGE.md]")
-    axes = group_axes([read_sweep(Path(directory), program) for directory in directories])
-    command = f"{program} report {shlex.join([*directories, '--out', str(page)])}"
+        raise SweepError(f"usage: {program} report SWEEP_DIR [SWEEP_DIR ...] [--out PAGE.md] [--findings FILE]")
+    records = [read_sweep(Path(directory), program) for directory in directories]
+    notes = read_findings(findings, sorted({record.ablation for record in records if record.ablation}))
+    axes = group_axes(records)
+    options = ["--out", str(page), *(["--findings", str(findings)] if findings else [])]
+    command = f"{program} report {shlex.join([*directories, *options])}"
     page.parent.mkdir(parents=True, exist_ok=True)
     figures, written = {}, []
     for axis in axes:
@@ -463,6 +496,6 @@ def write_page(directories: Sequence[str], page: Path, conf_dir: Path, program: 
         axis_figure(axis).savefig(path, dpi=120)
         figures[axis.name] = path.name
         written.append(path)
-    page.write_text(page_text(axes, figures, paper_findings(conf_dir), program, command))
+    page.write_text(page_text(axes, figures, paper_findings(conf_dir), notes, program, command))
     print("\n".join(f"wrote {path}" for path in [page, *written]))
     return 0

@@ -284,6 +284,29 @@ def test_an_axis_with_two_swept_keys_has_a_line_and_a_statement_per_other_value(
     assert "| 12 | `model=mlp model.permute_inputs=false seed=0` | failed | ConfigError: no model mlp |" in page
 
 
+def test_findings_stand_beside_the_papers_and_a_typo_in_their_names_is_refused(
+    real_sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    findings = tmp_path / "findings.yaml"
+    findings.write_text("num_latents: Eight and sixteen latents are within the seeds' spread.\n")
+    page_path = tmp_path / "page.md"
+    assert sweep.main(["report", str(real_sweep), "--out", str(page_path), "--findings", str(findings)]) == 0
+    page = page_path.read_text()
+    paper = page.index("**The paper:** On ImageNet more latents")
+    ours = page.index("**This reproduction:** Eight and sixteen latents are within the seeds' spread.")
+    assert paper < ours < page.index("| latent_dim |")
+    assert f"--out {page_path} --findings {findings}`" in page  # the command that made the page, in full
+
+    findings.write_text("num_latent: a typo\n")
+    capsys.readouterr()
+    assert (
+        sweep.main(["report", str(real_sweep), "--out", str(tmp_path / "other.md"), "--findings", str(findings)]) == 2
+    )
+    error = capsys.readouterr().err
+    assert "names num_latent, which none of the sweeps ran: num_latents" in error and error.count("\n") == 1
+    assert not (tmp_path / "other.md").exists()
+
+
 # --- bad input -----------------------------------------------------------------------------------------
 
 
