@@ -1,7 +1,8 @@
-"""Tests for perceiver/augment.py: resizing, random flip and zoom, and the BatchAugment pipeline.
+"""Tests for perceiver/augment.py: resizing, random flip, zoom, translation and erasing, and the BatchAugment pipeline.
 
 Expected values come from independent references (a loop implementation of half-pixel bilinear
-interpolation, hand-computed tables, invariances of flips and zooms), never from the code under test.
+interpolation, hand-computed tables, invariances of flips and zooms, shifts found by plain slicing, rectangles
+read off the changed pixels), never from the code under test.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from perceiver.data.augment import BatchAugment, random_hflip, random_zoom, resize
+from perceiver.data.augment import BatchAugment, random_erase, random_hflip, random_translate, random_zoom, resize
 
 # ----------------------------------------------------------------------------- resize
 
@@ -159,6 +160,102 @@ def test_random_zoom_scales_ramps_about_the_centre_by_independent_factors_in_ran
     assert (width_zoom - height_zoom).abs().max() > 0.05  # height and width are drawn independently
 
 
+# ----------------------------------------------------------------------------- translate
+
+
+def shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """(C, H, W) moved down by dy and right by dx (negative: up / left), vacated pixels 0, by plain slicing."""
+    _, height, width = image.shape
+    out = torch.zeros_like(image)
+    out[:, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = image[
+        :, max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
+    ]
+    return out
+
+
+def test_shifted_reference_moves_a_pixel_as_expected() -> None:
+    image = torch.zeros(1, 4, 5)
+    image[0, 1, 2] = 7.0
+    moved = shifted(image, 2, -1)
+    assert moved[0, 3, 1] == 7.0 and moved.sum() == 7.0
+    assert shifted(image, 3, 0).sum() == 0.0  # pushed off the bottom
+
+
+def test_random_translate_gives_each_image_shifted_by_some_offset_in_range_and_uses_them_all() -> None:
+    torch.manual_seed(0)
+    k = 2
+    images = torch.rand(300, 2, 6, 7) + 1.0  # no zeros inside, so each shift is recognisable
+    out = random_translate(images, k)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    offsets = [(dy, dx) for dy in range(-k, k + 1) for dx in range(-k, k + 1)]
+    seen = set()
+    for image, result in zip(images, out, strict=True):
+        matches = [offset for offset in offsets if torch.equal(result, shifted(image, *offset))]
+        assert len(matches) == 1, "output is not an exact whole-pixel shift within range"
+        seen.add(matches[0])
+    assert seen == set(offsets)  # all 25 shifts occur over 300 images
+
+
+def test_random_translate_by_zero_is_identity() -> None:
+    images = torch.rand(4, 3, 5, 5)
+    assert torch.equal(random_translate(images, 0), images)
+
+
+# ----------------------------------------------------------------------------- erase
+
+AREA = (0.02, 1 / 3)
+ASPECT = (0.3, 3.3)
+
+
+def erased_rectangle(image: torch.Tensor, result: torch.Tensor) -> tuple[int, int] | None:
+    """The (height, width) of the one axis-aligned rectangle where `result` differs from `image` (all channels
+    zeroed, nothing else changed), or None when they are equal; fails on any other difference."""
+    changed = (result != image).any(0)
+    if not changed.any():
+        return None
+    rows = changed.any(1).nonzero().flatten()
+    cols = changed.any(0).nonzero().flatten()
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    assert changed[top:bottom, left:right].all(), "the changed pixels are not one rectangle"
+    assert (result[:, top:bottom, left:right] == 0).all(), "the rectangle is not zero in every channel"
+    outside = torch.ones_like(changed)
+    outside[top:bottom, left:right] = False
+    assert torch.equal(result[:, outside], image[:, outside])
+    return int(bottom - top), int(right - left)
+
+
+def test_random_erase_zeroes_one_rectangle_of_paper_size_in_about_p_of_the_images() -> None:
+    torch.manual_seed(0)
+    n, p, size = 2000, 0.4, 20
+    images = torch.rand(n, 2, size, size) + 1.0  # no zeros, so every erased pixel shows
+    out = random_erase(images, p)
+    rectangles = [erased_rectangle(image, result) for image, result in zip(images, out, strict=True)]
+    erased = [r for r in rectangles if r is not None]
+    # binomial(2000, 0.4): sd ~ 22, so +-5 sd is 110
+    assert abs(len(erased) - n * p) < 110
+    for h, w in erased:
+        # sizes are rounded to whole pixels: the drawn size lies within half a pixel of (h, w)
+        assert (h - 0.5) * (w - 0.5) <= AREA[1] * size * size and (h + 0.5) * (w + 0.5) >= AREA[0] * size * size
+        assert (h - 0.5) / (w + 0.5) <= ASPECT[1] and (h + 0.5) / (w - 0.5) >= ASPECT[0]
+    heights = [h for h, _ in erased]
+    widths = [w for _, w in erased]
+    assert max(h / w for h, w in erased) > 2 and min(h / w for h, w in erased) < 0.5  # tall and wide both occur
+    assert min(heights) < size // 4 and max(heights) > size // 2 and max(widths) > size // 2
+
+
+def test_random_erase_places_rectangles_everywhere_including_the_borders() -> None:
+    torch.manual_seed(1)
+    images = torch.rand(500, 1, 8, 8) + 1.0
+    out = random_erase(images, 1.0)
+    covered = (out == 0).any(1).float().mean(0)
+    assert (covered > 0).all()  # every pixel, corners included, is erased in some image
+
+
+def test_random_erase_with_zero_probability_is_identity() -> None:
+    images = torch.rand(50, 3, 8, 8)
+    assert torch.equal(random_erase(images, 0.0), images)
+
+
 # ----------------------------------------------------------------------------- BatchAugment
 
 MEAN = [10.0, 128.0, 200.0]
@@ -281,6 +378,11 @@ def test_mixup_with_label_smoothing_still_gives_distributions() -> None:
         ({"label_smoothing": -0.01}, "label_smoothing"),
         ({"mixup_alpha": -1.0}, "mixup_alpha"),
         ({"cutmix_alpha": -0.5}, "cutmix_alpha"),
+        ({"translate": -1}, "translate"),
+        ({"translate": 1.5}, "translate"),
+        ({"translate": 8}, "translate"),  # as large as the image: nothing would be left
+        ({"erase_prob": -0.1}, "erase_prob"),
+        ({"erase_prob": 1.5}, "erase_prob"),
     ],
 )
 def test_invalid_settings_raise_value_error_naming_the_field(overrides: dict, field: str) -> None:
@@ -302,3 +404,67 @@ def test_sample_transform_with_randaugment_maps_uint8_chw_to_uint8_chw() -> None
     for out in outputs:
         assert out.dtype == torch.uint8 and out.shape == (3, 12, 10)
     assert any(not torch.equal(out, image) for out in outputs)  # it does augment
+
+
+def test_translate_and_erase_are_off_by_default_and_zero_settings_change_nothing() -> None:
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    for augment in (
+        make_augment(hflip=False, zoom=0.0),
+        make_augment(hflip=False, zoom=0.0, translate=0, erase_prob=0),
+    ):
+        x, _ = augment.train()(images, torch.zeros(8, dtype=torch.long))
+        assert torch.equal(x, augment.preprocess(images))
+
+
+def test_forward_translates_at_the_model_size_with_mean_fill_and_evaluation_stays_plain() -> None:
+    torch.manual_seed(0)
+    augment = make_augment(hflip=False, zoom=0.0, translate=3).train()
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    plain = augment.preprocess(images)  # 16 x 16, the model's size
+    x, _ = augment(images, torch.zeros(64, dtype=torch.long))
+    offsets = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)]
+    for image, result in zip(plain, x, strict=True):
+        assert any(torch.equal(result, shifted(image, *offset)) for offset in offsets)
+    assert not torch.equal(x, plain)
+    # zero after normalisation is the mean: a constant mean image stays exactly the mean wherever it moves
+    mean_images = constant_batch(MEAN, batch=16)
+    torch.testing.assert_close(augment(mean_images, torch.zeros(16))[0], torch.zeros(16, 3, 16, 16), atol=1e-6, rtol=0)
+    torch.testing.assert_close(augment.preprocess(images), plain, atol=0, rtol=0)  # evaluation draws nothing
+
+
+def test_forward_erases_rectangles_in_every_image_at_probability_one() -> None:
+    torch.manual_seed(0)
+    augment = make_augment(hflip=False, zoom=0.0, erase_prob=1.0).train()
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
+    plain = augment.preprocess(images)
+    x, _ = augment(images, torch.zeros(32, dtype=torch.long))
+    assert all(erased_rectangle(image, result) is not None for image, result in zip(plain, x, strict=True))
+
+
+def test_evaluation_preprocess_neither_translates_nor_erases_nor_draws_random_numbers() -> None:
+    """`Preprocess` with translation and erasing configured is still plain normalisation (at the input's own
+    size, so no resize), and it leaves the torch RNG where it was."""
+    augment = make_augment(image_size=8, hflip=False, zoom=0.0, translate=3, erase_prob=1.0)
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    out = augment.eval().preprocess(images)
+    assert torch.equal(torch.get_rng_state(), before)
+    expected = (images.double() - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [{"translate": 2}, {"erase_prob": 0.5}, {"translate": 1, "erase_prob": 0.7}])
+def test_translate_and_erase_are_reproducible_from_the_torch_seed(overrides: dict) -> None:
+    augment = make_augment(hflip=False, zoom=0.0, **overrides).train()
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    labels = torch.zeros(16, dtype=torch.long)
+    torch.manual_seed(5)
+    first, _ = augment(images, labels)
+    torch.manual_seed(5)
+    second, _ = augment(images, labels)
+    torch.manual_seed(6)
+    other, _ = augment(images, labels)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
