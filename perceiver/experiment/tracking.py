@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "online", "offline", "disabled")
 
 # Epoch rows are plotted against their `epoch` key rather than W&B's own step, so that curves of runs that
-# log at different rates (or a resumed run) line up; the summary keeps the best validation loss and top-1,
-# not the last epoch's. Named prefixes, not "*": a sweep's summary run logs tables that have no epoch.
-EPOCH_METRICS = ("train/*", "val/*", "perf/*", "lr", "images_per_second", "epoch_seconds", "attention/*")
-BEST_SUMMARIES = {"val/loss": "min", "val/top1": "max"}
+# log at different rates (or a resumed run) line up; the summary keeps the best validation loss and top-1
+# (of the weights, `val/*`, and of their EMA, `val_ema/*`, with `trainer.ema_decay`), not the last epoch's.
+# Named prefixes, not "*": a sweep's summary run logs tables that have no epoch.
+EPOCH_METRICS = ("train/*", "val/*", "val_ema/*", "perf/*", "lr", "images_per_second", "epoch_seconds", "attention/*")
+BEST_SUMMARIES = {"val/loss": "min", "val/top1": "max", "val_ema/loss": "min", "val_ema/top1": "max"}
 # Step rows (the training loss and learning rate every `trainer.log_every_n_steps`) are plotted against the
 # global step. W&B's own step is the global step for both kinds of rows: it only grows, also across a resume,
 # and an epoch row merges with a step row of the same step.

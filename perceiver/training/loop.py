@@ -30,6 +30,7 @@ from perceiver.training import distributed
 from perceiver.training.checkpoint import Checkpointer, save_atomic
 from perceiver.training.deferred import DeferredChecks, NonFiniteReport, masked_update
 from perceiver.training.device import autocast
+from perceiver.training.ema import WeightEMA
 from perceiver.training.metrics import (
     RunningMetrics,
     classification_loss,
@@ -138,6 +139,7 @@ def fit(
     A resumable checkpoint is saved every epoch (and every `checkpoint_every_n_steps`); `resume` continues exactly
     where it was taken. SIGTERM/SIGINT save one at the next step boundary and raise TrainingInterrupted; a
     non-finite loss saves the last good state and raises NonFiniteLossError (unless `nonfinite_loss=skip`).
+    With `ema_decay` an EMA of the weights is validated beside them, and the lower loss's weights are the candidate.
     `record` (the run's config, overrides, tracker run id, model card) goes into every checkpoint and best.pt;
     `log_row(row, global_step)` gets each epoch row and (rank 0) a step row every `log_every_n_steps` steps;
     `callbacks` run at every epoch end after the checkpoint and the row (not when stopping), on every rank.
@@ -162,6 +164,7 @@ def fit(
         best_state, history = load_training_state(resume, parts, scaler, stopper)
     elif checkpointer is not None:
         checkpointer.clear()
+    ema = weight_ema(model, settings.ema_decay, resume)  # after the resume: it may start from the resumed weights
 
     def checkpoint(next_epoch: int, next_batch: int, progress: dict | None, step: int) -> Path | None:
         """Everything needed to continue at (next_epoch, next_batch) as if nothing had happened."""
@@ -179,6 +182,7 @@ def fit(
             next_batch=next_batch,
             global_step=step,
             epoch_progress=progress,
+            ema=ema.state_dict() if ema is not None else None,
             run=record,
         )
         return checkpointer.save(state.to_dict(), step)
@@ -194,9 +198,7 @@ def fit(
             where, of = f"epoch {epoch}/{settings.epochs}", f"/{batches_per_epoch}" if batches_per_epoch else ""
             batches = epoch_batches(train_loader, epoch, first_batch)
             if draw_bar:
-                batches = tqdm(
-                    batches, where, total=batches_per_epoch, leave=False, dynamic_ncols=True, initial=first_batch
-                )
+                batches = progress_bar(batches, where, batches_per_epoch, first_batch)
             train_model.train()
             for batch, (images, labels) in enumerate(batches, start=first_batch + 1):
                 # ---- the training step: set the rate, augment, forward, loss, backward, clip, update
@@ -215,8 +217,9 @@ def fit(
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm)
                 masked_update(optimizer, scaler, finite)
+                if ema is not None:
+                    ema.update(model)
                 current.metrics.update(loss, logits, labels, keep=finite)
-                # (an EMA of the weights goes here, after the update)
                 global_step += 1
 
                 # ---- at the step boundary: the non-finite policy, logging, checkpoints, stop requests
@@ -232,10 +235,7 @@ def fit(
                     elif log_lines:
                         log.info("%s  batch %d%s  loss %.4f", where, batch, of, value)
                     if is_main and log_row is not None:
-                        lr = optimizer.param_groups[0]["lr"]
-                        log_row(
-                            {"global_step": global_step, "train_step/loss": value, "train_step/lr": lr}, global_step
-                        )
+                        log_row(step_row(global_step, value, optimizer), global_step)
                 stopping = read and distributed.any_rank(stop.signum is not None, device)  # all ranks together
                 if due or stopping:
                     path = checkpoint(epoch, batch, current.state_dict(), global_step)
@@ -247,16 +247,16 @@ def fit(
                 raise diverged(bad, current, global_step, settings, batches_per_epoch, checkpoint, run_dir)
             check_epoch_trained(epoch, current.metrics.count, current.metrics.skipped, settings.precision)
             seconds, lr, train = current.seconds(), optimizer.param_groups[0]["lr"], current.metrics.compute()
-            val = evaluate(eval_model, augment.preprocess, val_loader, device, settings.precision, parts.num_classes)
-            improved = stopper.update(val["loss"], epoch)
-            step_scheduler(scheduler, epoch, val["loss"])
+            val = validate(eval_model, ema, parts, val_loader, settings.precision)
+            improved = stopper.update(val.kept["loss"], epoch)  # the trained weights' or the EMA's, the lower
+            step_scheduler(scheduler, epoch, val.trained["loss"])  # the training's own progress
             row = epoch_row(epoch, train, val, current.metrics, lr, seconds, per_image, peak)
             history.append(row)
             log_epoch(row, improved, current.metrics.skipped)
             if improved:
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = copy.deepcopy((ema.module if val.ema_kept else model).state_dict())
                 if checkpointer is not None:
-                    best = BestModel(best_state, epoch, val, record.config, **model_card(record, augment))
+                    best = BestModel(best_state, epoch, val.kept, record.config, **model_card(record, augment))
                     save_atomic(run_dir / "best.pt", best.to_dict())
             path = checkpoint(epoch + 1, 0, None, global_step)
             if log_row is not None:
@@ -284,6 +284,30 @@ def training_and_evaluation_models(model: nn.Module, device: torch.device, compi
     train_model = torch.compile(wrapped) if compile else wrapped
     eval_model = train_model if wrapped is model else (torch.compile(model) if compile else model)
     return train_model, eval_model
+
+
+def weight_ema(model: nn.Module, decay: float | None, resume: TrainState | None) -> WeightEMA | None:
+    """The EMA of the weights `trainer.ema_decay` asks for, continued from a resumed checkpoint's. A checkpoint
+    written without one starts it from the resumed weights (the EMA only adds a candidate; it never steers training)."""
+    if decay is None:
+        if resume is not None and resume.ema is not None:
+            log.warning("the checkpoint's EMA of the weights is not continued: trainer.ema_decay is null")
+        return None
+    ema = WeightEMA(model, decay)
+    if resume is not None and resume.ema is not None:
+        ema.load_state_dict(resume.ema)
+    elif resume is not None:
+        log.warning(
+            "the checkpoint holds no EMA of the weights: trainer.ema_decay=%s starts one from its weights (step %d)",
+            decay,
+            resume.global_step,
+        )
+    return ema
+
+
+def progress_bar(batches: Iterable, where: str, total: int | None, first_batch: int) -> Iterable:
+    """A tqdm bar over an epoch's batches that starts at `first_batch` (a resumed epoch) and clears when done."""
+    return tqdm(batches, where, total=total, leave=False, dynamic_ncols=True, initial=first_batch)
 
 
 def read_nonfinite(checks: DeferredChecks, policy: str, metrics: RunningMetrics, where: str) -> NonFiniteReport | None:
@@ -393,6 +417,48 @@ def evaluate(
     return metrics.compute()
 
 
+@dataclass(frozen=True)
+class Validation:
+    """An epoch's validation numbers: the trained weights', the EMA's (None without one), and which of the two is
+    the epoch's candidate for the best model: the EMA when its loss is lower."""
+
+    trained: dict[str, float]
+    ema: dict[str, float] | None = None
+
+    @property
+    def ema_kept(self) -> bool:
+        return self.ema is not None and self.ema["loss"] < self.trained["loss"]
+
+    @property
+    def kept(self) -> dict[str, float]:
+        return self.ema if self.ema is not None and self.ema_kept else self.trained
+
+    def row(self) -> dict[str, float]:
+        """The epoch row's keys: `val/*` (the trained weights), `val_ema/*` and `val_ema/kept` (0 or 1)."""
+        row = {f"val/{k}": v for k, v in self.trained.items()}
+        if self.ema is not None:
+            row.update({f"val_ema/{k}": v for k, v in self.ema.items()})
+            row["val_ema/kept"] = int(self.ema_kept)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, float]) -> Validation:
+        trained = {k.removeprefix("val/"): v for k, v in row.items() if k.startswith("val/")}
+        return cls(trained, {k: row[f"val_ema/{k}"] for k in trained} if "val_ema/loss" in row else None)
+
+
+def validate(
+    eval_model: nn.Module, ema: WeightEMA | None, parts: TrainingParts, loader: Iterable, precision: str
+) -> Validation:
+    """`evaluate` the trained weights and the EMA's. The EMA's module is plain (never DDP-wrapped or compiled) and
+    the same on every rank, as the weights it averages are."""
+
+    def numbers(module: nn.Module) -> dict[str, float]:
+        return evaluate(module, parts.augment.preprocess, loader, parts.device, precision, parts.num_classes)
+
+    return Validation(numbers(eval_model), numbers(ema.module) if ema is not None else None)
+
+
 def model_card(record: RunRecord, augment: BatchAugment) -> dict[str, Any]:
     """best.pt's description of the model: the run's (how it was built, its classes and data), and the
     normalisation and input side read from the input pipeline itself, so they are what training applied."""
@@ -404,10 +470,14 @@ def model_card(record: RunRecord, augment: BatchAugment) -> dict[str, Any]:
     }
 
 
+def step_row(global_step: int, loss: float, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    return {"global_step": global_step, "train_step/loss": loss, "train_step/lr": optimizer.param_groups[0]["lr"]}
+
+
 def epoch_row(
     epoch: int,
     train: dict[str, float],
-    val: dict[str, float],
+    val: Validation,
     running: RunningMetrics,
     lr: float,
     seconds: float,
@@ -419,7 +489,7 @@ def epoch_row(
         "epoch": epoch,
         **{f"train/{k}": v for k, v in train.items()},
         "train/skipped_steps": running.skipped,
-        **{f"val/{k}": v for k, v in val.items()},
+        **val.row(),
         "lr": lr,
         "images_per_second": throughput,
         "epoch_seconds": seconds,
@@ -431,7 +501,7 @@ def fit_result(stopper: EarlyStopping, history: list[dict[str, float]], global_s
     best = next(row for row in history if row["epoch"] == stopper.best_epoch)
     return FitResult(
         best_epoch=stopper.best_epoch,
-        best_val={k.removeprefix("val/"): v for k, v in best.items() if k.startswith("val/")},
+        best_val=Validation.from_row(best).kept,  # the numbers of the weights kept (best.pt)
         epochs_run=history[-1]["epoch"],
         stopped_early=stopper.should_stop,
         images_per_second=steady_throughput(history),
@@ -463,17 +533,19 @@ def load_training_state(
 
 
 def log_epoch(row: dict[str, float], improved: bool, skipped: int) -> None:
+    ema = f"  EMA val loss {row['val_ema/loss']:.4f} top1 {row['val_ema/top1']:.4f}" if "val_ema/loss" in row else ""
     log.info(
-        "epoch %3d  train loss %.4f top1 %.4f  val loss %.4f top1 %.4f top5 %.4f  lr %.2e  %.0f img/s%s%s%s",
+        "epoch %3d  train loss %.4f top1 %.4f  val loss %.4f top1 %.4f top5 %.4f%s  lr %.2e  %.0f img/s%s%s%s",
         row["epoch"],
         row["train/loss"],
         row["train/top1"],
         row["val/loss"],
         row["val/top1"],
         row["val/top5"],
+        ema,
         row["lr"],
         row["images_per_second"],
         f" ({100 * row['perf/mfu']:.1f}% MFU)" if "perf/mfu" in row else "",
-        "  (best)" if improved else "",
+        ("  (best: the EMA's weights)" if row.get("val_ema/kept") else "  (best)") if improved else "",
         f"  ({skipped} steps skipped: non-finite loss)" if skipped else "",
     )

@@ -31,6 +31,7 @@ class TrainSettings:
     precision: str = "fp32"
     compile: bool = False
     grad_clip_norm: float | None = None
+    ema_decay: float | None = None  # None = no EMA of the weights (perceiver/training/ema.py)
     early_stopping_patience: int | None = 15
     num_workers: int = 2
     progress_bar: bool = True
@@ -55,6 +56,12 @@ class TrainSettings:
         clip = self.grad_clip_norm
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or clip <= 0):
             raise ValueError(f"trainer.grad_clip_norm={clip!r} is invalid: a positive number, or null for no clipping")
+        decay = self.ema_decay
+        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay < 1):
+            raise ValueError(
+                f"trainer.ema_decay={decay!r} is invalid: a number between 0 and 1 (exclusive), e.g. 0.999, "
+                "or null for no EMA of the weights"
+            )
         peak = self.peak_tflops
         number = isinstance(peak, int | float) and not isinstance(peak, bool)
         if peak is not None and peak != "auto" and not (number and peak > 0):

@@ -58,6 +58,7 @@ class TrainState:
     WHAT: ClassVar[str] = (
         "a resumable checkpoint (best.pt holds weights only); resume from the run directory or its last.pt"
     )
+    ADDED: ClassVar[tuple[str, ...]] = ("ema",)  # fields added since version 1: an older file lacks them (defaults)
 
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
@@ -70,6 +71,7 @@ class TrainState:
     next_batch: int = 0
     global_step: int = 0
     epoch_progress: dict[str, Any] | None = None  # a part-done epoch's metric sums and seconds
+    ema: dict[str, Any] | None = None  # the weight EMA's state (WeightEMA.state_dict); None = no EMA
     rng: dict[str, Any] = field(default_factory=lambda: rng_states())
     run: RunRecord = field(default_factory=RunRecord)
 
@@ -98,9 +100,10 @@ class TrainState:
     def from_dict(cls, state: dict[str, Any], source: object = "the checkpoint") -> TrainState:
         check_header(state, cls.FORMAT, cls.VERSION, source, cls.WHAT)
         names = [f.name for f in fields(cls) if f.name != "run"]
-        _missing(state, [*names, "config", "overrides", "wandb_run_id"], source)
+        required = [name for name in names if name not in cls.ADDED]
+        _missing(state, [*required, "config", "overrides", "wandb_run_id"], source)
         record = RunRecord(state["config"], list(state["overrides"]), state["wandb_run_id"])
-        return cls(**{name: state[name] for name in names}, run=record)
+        return cls(**{name: state[name] for name in names if name in state}, run=record)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from tests.helpers import run_script
 from tests.helpers.training import RecordingTracker
 from tests.helpers.wandb_files import MetricDefinition, media, read_metric_definitions, read_offline_run
 
-EPOCH_KEYS = ("train/*", "val/*", "perf/*", "lr", "images_per_second", "epoch_seconds")
+EPOCH_KEYS = ("train/*", "val/*", "val_ema/*", "perf/*", "lr", "images_per_second", "epoch_seconds")
 
 
 def assert_epoch_metrics_defined(definitions: dict[str, MetricDefinition]) -> None:
@@ -33,6 +33,8 @@ def assert_epoch_metrics_defined(definitions: dict[str, MetricDefinition]) -> No
         assert definitions[name].is_glob == name.endswith("*"), name
     assert definitions["val/loss"] == MetricDefinition("val/loss", "epoch", ("min",), False)
     assert definitions["val/top1"] == MetricDefinition("val/top1", "epoch", ("max",), False)
+    assert definitions["val_ema/loss"] == MetricDefinition("val_ema/loss", "epoch", ("min",), False)
+    assert definitions["val_ema/top1"] == MetricDefinition("val_ema/top1", "epoch", ("max",), False)
 
 
 def test_an_offline_run_plots_epoch_rows_against_epoch_and_keeps_the_best_validation(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from perceiver.training.checkpoint import (
     read_checkpoint,
     save_atomic,
 )
-from perceiver.training.state import restore_rng, rng_states
+from perceiver.training.state import TrainState, restore_rng, rng_states
 
 
 def test_a_crash_while_writing_leaves_the_previous_checkpoint_intact(
@@ -87,3 +87,21 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
     restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     again = (random.random(), np.random.rand(), torch.rand(3), np.random.randn())
     assert expected[:2] == again[:2] and torch.equal(expected[2], again[2]) and expected[3] == again[3]
+
+
+def minimal_state() -> dict:
+    return TrainState({}, {}, None, {}, {"best_loss": 1.0, "best_epoch": 1}, {}, []).to_dict()
+
+
+def test_a_checkpoint_written_before_the_ema_field_loads_without_one() -> None:
+    state = minimal_state()
+    del state["ema"]
+    assert TrainState.from_dict(state).ema is None
+
+
+@pytest.mark.parametrize("field", ["history", "optimizer", "wandb_run_id"])
+def test_a_checkpoint_lacking_any_other_field_is_refused_naming_it(field: str) -> None:
+    state = minimal_state()
+    del state[field]
+    with pytest.raises(CheckpointError, match=f"last.pt lacks {field}: it is incomplete or from another program"):
+        TrainState.from_dict(state, "last.pt")

@@ -145,16 +145,20 @@ def test_cosine_config_warms_up_then_follows_the_cosine(compose_config) -> None:
 
 
 def tiny_fit(
-    run_dir: Path, resume: dict | None = None, model: torch.nn.Module | None = None, schedule=None, **settings
+    run_dir: Path,
+    resume: dict | None = None,
+    model: torch.nn.Module | None = None,
+    schedule=None,
+    optimizer=None,
+    **settings,
 ):
+    """`optimizer(model)` makes the optimizer (default: Adam at 1e-2)."""
     torch.manual_seed(0)
-    model = model or Perceiver(
-        image_size=8, patch_size=4, num_classes=2, latent_dim=4, projection_dim=8, num_heads=1, dropout_rate=0.2
-    )
+    model = model or Perceiver(**TINY, dropout_rate=0.2)
     augment = BatchAugment(image_size=8, num_classes=2)
     augment.set_statistics([100.0] * 3, [60.0] * 3)
     train, val = tiny_problem()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer = optimizer(model) if optimizer is not None else torch.optim.Adam(model.parameters(), lr=1e-2)
     if schedule is None:
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
     else:
@@ -202,6 +206,107 @@ def test_a_per_step_schedule_sets_every_step_and_resumes_exactly(tmp_path: Path)
     assert without_timing(resumed.history) == without_timing(whole.history)
     for name, tensor in whole_model.state_dict().items():
         assert torch.equal(tensor, resumed_model.state_dict()[name]), name
+
+
+# ----------------------------------------------------------------------------- an EMA of the weights
+
+
+class BiasOffsetAtEpochEnds(torch.optim.Adam):
+    """Adam at 1e-2 whose classifier bias carries an offset of (+5, -5) after every third step (an epoch's last on
+    tiny_problem), taken back at the next: the trained weights end each epoch far off their path, their EMA takes
+    in only part of the offset and validates better."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model.parameters(), lr=1e-2)
+        self.bias, self.offset, self.calls = dict(model.named_parameters())["head.2.bias"], torch.tensor([5.0, -5.0]), 0
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        if self.calls % 3 == 0 and self.calls:
+            self.bias -= self.offset
+        loss = super().step(closure)
+        self.calls += 1
+        if self.calls % 3 == 0:
+            self.bias += self.offset
+        return loss
+
+
+def tiny_val_loss(weights: dict[str, torch.Tensor]) -> float:
+    """The mean cross-entropy over tiny_problem's validation images of a model with `weights`."""
+    model = Perceiver(**TINY, dropout_rate=0.2)
+    model.load_state_dict(weights)
+    augment = BatchAugment(image_size=8, num_classes=2)
+    augment.set_statistics([100.0] * 3, [60.0] * 3)
+    images, labels = (torch.cat(parts) for parts in zip(*tiny_problem()[1], strict=True))
+    with torch.no_grad():
+        return F.cross_entropy(model.eval()(augment.preprocess(images)), labels).item()
+
+
+@pytest.mark.parametrize("offset", [True, False], ids=["ema-better", "ema-lags"])
+def test_with_an_ema_the_weights_kept_are_those_with_the_lower_validation_loss(tmp_path: Path, offset: bool) -> None:
+    """Every epoch validates the trained weights and their EMA, read back here from the epoch-end checkpoint;
+    the lower loss's weights are the epoch's candidate, and the best candidate ends in best.pt and the model."""
+    make = BiasOffsetAtEpochEnds if offset else None
+    result, model = tiny_fit(tmp_path, optimizer=make, ema_decay=0.9, keep_checkpoints=10)
+    for epoch, row in enumerate(result.history, start=1):
+        state = read_checkpoint(tmp_path / "checkpoints" / f"step-{3 * epoch:08d}.pt")
+        assert row["val/loss"] == pytest.approx(tiny_val_loss(state["model"]), rel=1e-5)
+        assert row["val_ema/loss"] == pytest.approx(tiny_val_loss(state["ema"]["module"]), rel=1e-5)
+        assert row["val_ema/kept"] == int(row["val_ema/loss"] < row["val/loss"])
+        assert state["ema"]["updates"] == 3 * epoch
+    candidates = [min(row["val/loss"], row["val_ema/loss"]) for row in result.history]
+    assert result.best_epoch == 1 + candidates.index(min(candidates))
+    best_row = result.history[result.best_epoch - 1]
+    assert best_row["val_ema/kept"] == int(offset)  # the scenario: the offset makes the EMA better, else it lags
+    epoch_end = read_checkpoint(tmp_path / "checkpoints" / f"step-{3 * result.best_epoch:08d}.pt")
+    kept = epoch_end["ema"]["module"] if offset else epoch_end["model"]
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    for name, tensor in kept.items():
+        assert torch.equal(best["model"][name], tensor) and torch.equal(model.state_dict()[name], tensor), name
+    prefix = "val_ema/" if offset else "val/"
+    assert result.best_val == best["val"] == {k: best_row[prefix + k] for k in ("loss", "top1", "top5")}
+
+
+@pytest.mark.parametrize("step", [3, 4], ids=["epoch-end", "mid-epoch"])
+def test_a_run_with_an_ema_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path: Path, step: int) -> None:
+    """Resumed at the end of epoch 1 (step 3) or at epoch 2, batch 1 (step 4): the same history, best weights and
+    final EMA (its average and its count of updates, which sets the warm-up's decay)."""
+    whole, whole_model = tiny_fit(tmp_path / "whole", ema_decay=0.9)
+    tiny_fit(tmp_path / "part", ema_decay=0.9, checkpoint_every_n_steps=2, keep_checkpoints=10)
+    state = read_checkpoint(tmp_path / "part" / "checkpoints" / f"step-{step:08d}.pt")
+    assert state["ema"]["updates"] == step
+    torch.manual_seed(123)  # whatever the generators hold now must not matter
+    resumed, resumed_model = tiny_fit(tmp_path / "part", resume=state, ema_decay=0.9)
+    assert "val_ema/loss" in whole.history[0]
+    assert without_timing(resumed.history) == without_timing(whole.history)
+    assert (resumed.best_epoch, resumed.best_val) == (whole.best_epoch, whole.best_val)
+    for name, tensor in whole_model.state_dict().items():
+        assert torch.equal(tensor, resumed_model.state_dict()[name]), name
+    whole_ema = read_checkpoint(tmp_path / "whole" / "last.pt")["ema"]
+    resumed_ema = read_checkpoint(tmp_path / "part" / "last.pt")["ema"]
+    assert whole_ema["updates"] == resumed_ema["updates"] == 9
+    for name, tensor in whole_ema["module"].items():
+        assert torch.equal(tensor, resumed_ema["module"][name]), name
+
+
+def test_a_run_resumed_with_an_ema_from_a_checkpoint_without_one_starts_it_there(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint written before `ema` existed (the key absent) still loads; `trainer.ema_decay` then starts the
+    EMA from the resumed weights, says so, and the training itself goes on exactly as without an EMA."""
+    tiny_fit(tmp_path / "whole")
+    tiny_fit(tmp_path / "part", checkpoint_every_n_steps=2, keep_checkpoints=10)
+    state = read_checkpoint(tmp_path / "part" / "checkpoints" / "step-00000004.pt")
+    del state["ema"]
+    with caplog.at_level(logging.WARNING, logger="perceiver.training.loop"):
+        resumed, _ = tiny_fit(tmp_path / "part", resume=state, ema_decay=0.9)
+    assert any("holds no EMA" in line and "trainer.ema_decay=0.9 starts one" in line for line in caplog.messages)
+    resumed_last = read_checkpoint(tmp_path / "part" / "last.pt")
+    assert resumed_last["ema"]["updates"] == 5  # steps 5 to 9
+    whole_last = read_checkpoint(tmp_path / "whole" / "last.pt")
+    assert [row["val/loss"] for row in resumed.history] == [row["val/loss"] for row in whole_last["history"]]
+    for name, tensor in whole_last["model"].items():
+        assert torch.equal(tensor, resumed_last["model"][name]), name
 
 
 def nan_model() -> NaNAtCall:
