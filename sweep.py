@@ -46,14 +46,13 @@ def run_grid(overrides: Sequence[str], use_wandb: bool) -> None:
 
 
 def parse_arguments(args: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="sweep.py", description=__doc__, formatter_class=formatter)
     parser.add_argument("words", nargs="*", metavar="overrides | resume DIR | summarize DIR | report DIR... | list")
     parser.add_argument("--wandb-sweep", action="store_true", help="write a native W&B sweep config instead of running")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the summary run to W&B")
     parser.add_argument("--out", default="results.md", help="report: the page to write (its figures go beside it)")
-    parser.add_argument("--findings", help="report: a YAML file of ablation name -> what this reproduction finds")
+    parser.add_argument("--findings", type=Path, help="report: YAML, ablation name -> what this reproduction finds")
     return parser.parse_args(args)
 
 
@@ -72,8 +71,7 @@ def dispatch(options: argparse.Namespace) -> int:
         print("\n".join(f"{name:24s} {comment}" for name, comment in ablations(CONF).items()))
         return 0
     if command == "report":  # the page names this command, and the one that ran each sweep
-        findings = Path(options.findings) if options.findings else None
-        return write_page(words[1:], Path(options.out), CONF, program="python sweep.py", findings=findings)
+        return write_page(words[1:], Path(options.out), CONF, "python sweep.py", options.findings)
     if command == "summarize":
         sweep_dir = sweep_directory(words)
         try:
