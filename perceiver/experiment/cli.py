@@ -1,7 +1,7 @@
 """How an entry point ends: every failure a user can cause becomes one line and an exit code, with the
 entry point's own hint on how to go on; nothing a run wrote is lost.
 
-Exit codes: 0 done; 1 the training failed (a non-finite loss) or Hydra refused the command line; 2 a bad
+Exit codes: 0 done; 1 the training (or a sweep's job) failed or Hydra refused the command line; 2 a bad
 setting, missing data or an unusable checkpoint; 128 + N stopped by signal N after saving a checkpoint.
 """
 
@@ -21,7 +21,8 @@ from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from perceiver.experiment.config import ConfigError, composition_message, invalid_value_message
-from perceiver.experiment.job import in_sweep, record_failure, run_directory
+from perceiver.experiment.job import record_failure, run_directory, sweep_directory
+from perceiver.experiment.summary import summarize_failed_sweep
 from perceiver.training import CheckpointError, NonFiniteLossError, TrainingInterrupted
 
 log = logging.getLogger(__name__)
@@ -32,14 +33,29 @@ def fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+class SweepJobFailed(Exception):
+    """A sweep job's failure on its way out: Hydra marks the job failed, runs the batch's other jobs, then ends
+    the multirun with this error and without `on_multirun_end`; it names the sweep for the entry point to sum up."""
+
+    def __init__(self, message: str, sweep_dir: Path) -> None:
+        super().__init__(message, sweep_dir)  # both in args: it is pickled back from launchers' worker processes
+        self.message, self.sweep_dir = message, Path(sweep_dir)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def run_hydra_app(main: Callable[[], Any]) -> None:
     """Run a `@hydra.main` function, reporting Hydra's own failures (the command line, composing the config,
-    creating the run dir) in one line instead of a traceback."""
+    creating the run dir) in one line instead of a traceback; a sweep with a failed job is summarised first."""
     # Hydra re-raises, and the messages are made here: whatever the caller's environment says (with
     # HYDRA_FULL_ERROR=0 Hydra would print its own traceback and exit 1 before these handlers see the error)
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
+    except SweepJobFailed as failure:  # now, not at exit: W&B's exit handler ends its service before others run
+        summarize_failed_sweep(failure.sweep_dir)
+        fail(str(failure), 1)
     except ConfigCompositionException as error:
         cause = error.__cause__
         if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
@@ -85,16 +101,18 @@ def override_value(message: str, key: str) -> str:
 def exit_on_failure(
     error: BaseException, cfg: Any, resume_hint: Callable[[Path], str], skip_hint: Callable[[Path], str]
 ) -> NoReturn:
-    """Inside a job: record the failure in the run dir, then exit with one line (a single run) or re-raise
-    (a sweep job, so that Hydra marks it failed and goes on with the others)."""
+    """Inside a job: record the failure in the run dir, then exit with one line (a single run) or raise
+    `SweepJobFailed` (a sweep job, so that Hydra marks it failed and goes on with the others)."""
     if isinstance(error, TrainingInterrupted):  # SIGTERM/SIGINT: a checkpoint was saved; stop (a whole sweep too)
         hint = f"\n  resume with: {resume_hint(error.run_dir)}" if error.checkpoint is not None else ""
         print(f"{error}{hint}", file=sys.stderr)
         sys.exit(error.exit_code)
-    record_failure(run_directory(cfg), error)
-    if in_sweep():
+    run_dir = run_directory(cfg)
+    record_failure(run_dir, error)
+    if (sweep_dir := sweep_directory()) is not None:
         log.error("job failed: %s: %s (the sweep goes on; see error.txt)", type(error).__name__, error)
-        raise error
+        message = f"a job of the sweep failed: {type(error).__name__}: {error} (traceback: {run_dir / 'error.txt'})"
+        raise SweepJobFailed(message, sweep_dir) from error
     if isinstance(error, ConfigError | CheckpointError):
         fail(str(error), 2)
     if isinstance(error, NonFiniteLossError) and error.checkpoint is not None:

@@ -41,6 +41,11 @@ def in_sweep() -> bool:
     return in_hydra() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def sweep_directory() -> Path | None:
+    """The directory of the sweep this job is part of; None for a single run."""
+    return Path(HydraConfig.get().sweep.dir) if in_sweep() else None
+
+
 def job_number() -> int | None:
     """The job's number in its sweep; None for a single run."""
     return HydraConfig.get().job.num if in_sweep() else None
@@ -53,7 +58,7 @@ def tracking_identity(cfg: DictConfig) -> dict[str, Any]:
     name = the job's swept overrides, tags = all its overrides; explicit `logger.*` values win.
     """
     overrides, logger, ablation = job_overrides(), cfg.logger, cfg.get("ablation") or {}
-    sweep_dir = Path(HydraConfig.get().sweep.dir) if in_sweep() else None
+    sweep_dir = sweep_directory()
     derived = {
         "group": sweep_dir.name if sweep_dir else None,
         "job_type": ablation.get("name") or "train",

@@ -4,12 +4,12 @@ run in the sweep's group; `sweep.json` records the grid, its command and that ru
 
 Reads only what the jobs wrote (`.hydra/overrides.yaml`, `metrics.json`, `error.txt`), so it works on
 a finished, failed or half-done sweep, and again at any time later. `SweepSummary` is the Hydra callback
-that does it at the end of every `--multirun`, under any launcher or sweeper.
+that does it at the end of every `--multirun`, under any launcher or sweeper (`summarize_failed_sweep` for one
+that Hydra ended at a failed job).
 """
 
 from __future__ import annotations
 
-import atexit
 import csv
 import json
 import logging
@@ -129,7 +129,8 @@ def job_row(job: Job, keys: Sequence[str]) -> dict[str, Any]:
     return {
         "job": job.number,
         **{key: job.overrides.get(key, "") for key in keys},
-        SEED_KEY: job.overrides.get(SEED_KEY, job.metrics.get("settings", {}).get(SEED_KEY, "")),
+        # a failed job's seed, when not swept, is unknown: None, not "", so that a W&B table column keeps one type
+        SEED_KEY: job.overrides.get(SEED_KEY, job.metrics.get("settings", {}).get(SEED_KEY)),
         "status": job.status,
         **{name: test.get(name) for name in METRICS},
         "best_epoch": job.metrics.get("best_epoch"),
@@ -380,29 +381,29 @@ def logger_factory(logger: Any) -> Any:
 class SweepSummary(Callback):
     """At the end of a multirun, the sweep's summary: tables, plot, and a W&B run in the sweep's group.
 
-    A sweep whose job failed ends before Hydra's `on_multirun_end`; the summary is then written when the
-    process exits, so it is there either way.
+    Hydra ends a multirun whose job failed before `on_multirun_end`; the entry point then makes the same summary
+    with `summarize_failed_sweep` (perceiver.experiment.cli), while W&B's service is still up.
     """
 
     def __init__(self, log_to_wandb: bool = True) -> None:
         self.log_to_wandb = log_to_wandb
-        self.sweep_dir: Path | None = None
-        self.logger: Any = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.sweep_dir = Path(config.hydra.sweep.dir)
-        self.logger = config.get("logger")
-        atexit.register(self.write)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.write()
+        self.write(Path(config.hydra.sweep.dir), config.get("logger"))
 
-    def write(self) -> None:
-        """Once per sweep; a summary that cannot be made never hides the sweep's own outcome."""
-        sweep_dir, self.sweep_dir = self.sweep_dir, None
-        if sweep_dir is None:
-            return
+    def write(self, sweep_dir: Path, logger: Any = None) -> None:
+        """A summary that cannot be made never hides the sweep's own outcome."""
         try:
-            report(sweep_dir, self.log_to_wandb, self.logger)
+            report(sweep_dir, self.log_to_wandb, logger)
         except Exception as error:
             log.warning("no sweep summary for %s: %s: %s", sweep_dir, type(error).__name__, error)
+
+
+def summarize_failed_sweep(sweep_dir: Path) -> None:
+    """The summary of a sweep that Hydra ended at a failed job, as its callback (configured in its multirun.yaml)
+    would have made it; none for a sweep that ran without the callback."""
+    callbacks = ((recorded_sweep(sweep_dir) or {}).get("hydra") or {}).get("callbacks") or {}
+    target = f"{SweepSummary.__module__}.{SweepSummary.__qualname__}"
+    for settings in callbacks.values():
+        if settings.get("_target_") == target:
+            SweepSummary(bool(settings.get("log_to_wandb", True))).write(sweep_dir)

@@ -305,6 +305,21 @@ def test_a_failing_job_is_marked_failed_and_the_sweep_goes_on(tmp_path: Path) ->
     (failed_run,), (finished_run,) = offline_runs(failed), offline_runs(finished)
     assert failed_run.exit_code != 0 and finished_run.exit_code == 0
     assert failed_run.group == finished_run.group == sweep_dir.name
+    assert result.stderr.splitlines()[-1].startswith("error: a job of the sweep failed: NonFiniteLossError")
+
+    # The sweep's own summary run, made at its end although Hydra ended the multirun with the failed job.
+    (summary_run,) = offline_runs(sweep_dir)
+    assert summary_run.group == sweep_dir.name and summary_run.job_type == "summary" and summary_run.exit_code == 0
+    assert summary_run.config["sweep_dir"] == str(sweep_dir) and summary_run.config["keys"] == ["optimizer.lr"]
+    assert summary_run.history[0]["jobs/nrows"] == 2
+    (jobs_file,) = sweep_dir.glob("wandb/offline-run-*/files/media/table/jobs_*.table.json")
+    jobs_table = json.loads(jobs_file.read_text())
+    rows = [dict(zip(jobs_table["columns"], row, strict=True)) for row in jobs_table["data"]]
+    top1 = json.loads((finished / "metrics.json").read_text())["test"]["top1"]
+    assert [(row["job"], row["status"], row["top1"]) for row in rows] == [(0, "failed", None), (1, "finished", top1)]
+    assert "NonFiniteLossError" in rows[0]["error"] and rows[1]["wandb_run_id"] == finished_run.run_id
+    recorded = json.loads((sweep_dir / "sweep.json").read_text())["wandb_summary_run"]
+    assert recorded["run_id"] == summary_run.run_id and recorded["mode"] == "offline"
 
     assert sweep.main(["summarize", str(sweep_dir), "--no-wandb"]) == 1  # not every job finished
     summary = summarize(sweep_dir)
