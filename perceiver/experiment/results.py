@@ -33,7 +33,9 @@ UNMERGED = (
     "logger",
     "paths",
     "hydra",
-)  # the grid's name, and what no result depends on
+    "trainer.progress_bar",
+    "trainer.log_every_n_steps",
+)  # the grid's name, and what no result depends on (a group, or one field)
 INTERVAL_SE = 2  # a point's interval is its mean ± 2 standard errors
 SPREAD_CRITERION = (
     "Whether the points of an axis differ by more than its seeds do: the best and the worst point (by mean) each "
@@ -207,7 +209,7 @@ def fixed_settings(overrides: Sequence[str], keys: Sequence[str]) -> tuple[str, 
     fixed = []
     for override in overrides:
         key = split_override(override)[0]
-        if key not in keys and key.split(".")[0].split("/")[0] not in UNMERGED:
+        if key not in keys and key not in UNMERGED and key.split(".")[0].split("/")[0] not in UNMERGED:
             fixed.append(override)
     return tuple(sorted(fixed))
 

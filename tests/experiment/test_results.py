@@ -248,6 +248,15 @@ def test_sweeps_of_one_grid_merge_and_other_settings_make_another_axis(tmp_path:
     assert (tmp_path / "page" / "results_num_latents_trainer_epochs_1.png").is_file()
 
 
+def test_settings_no_result_depends_on_do_not_split_an_axis(tmp_path: Path) -> None:
+    first = write_sweep(tmp_path / "first", {"32": [50.0, 52.0]})
+    quiet = ["trainer.progress_bar=false", "trainer.log_every_n_steps=10", "logger.mode=offline"]
+    second = write_sweep(tmp_path / "second", {"64": [60.0, 61.0]}, settings=quiet)
+    page = make_report(tmp_path, first, second)
+    assert page.count("\n## num_latents") == 1
+    assert [row[0] for row in table_rows(page, "latent_dim")] == ["32", "64"]
+
+
 def test_an_axis_with_two_swept_keys_has_a_line_and_a_statement_per_other_value(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "permutation"
     write_sweep(sweep_dir, {"false": [80.0, 81.0, 82.0], "true": [80.5, 81.5, 79.5]}, key="model.permute_inputs")
