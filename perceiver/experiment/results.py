@@ -364,7 +364,7 @@ def axis_table(axis: Axis) -> list[str]:
             + (f" ({failed} failed)" if failed else "")
             + (f" ({unfinished} unfinished)" if unfinished else "")
         )
-        top1 = f"{point.mean:.2f} ± {point.std:.2f}" if point.n else "–"
+        top1 = f"{point.mean:.2f}" + (f" ± {point.std:.2f}" if point.n > 1 else "") if point.n else "–"  # no std of one
         times = [job.train_seconds for job in point.seeds if job.train_seconds is not None]
         time = seconds(statistics.fmean(times) if times else None)
         lines.append("| " + " | ".join([*point.values, top1, n, parameters(point), time]) + " |")

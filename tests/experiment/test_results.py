@@ -257,6 +257,13 @@ def test_settings_no_result_depends_on_do_not_split_an_axis(tmp_path: Path) -> N
     assert [row[0] for row in table_rows(page, "latent_dim")] == ["32", "64"]
 
 
+def test_a_point_of_one_seed_shows_its_accuracy_without_a_spread(tmp_path: Path) -> None:
+    page = make_report(tmp_path, write_sweep(tmp_path / "one", {"32": [81.63], "64": [84.26, 84.0]}))
+    rows = {row[0]: row for row in table_rows(page, "latent_dim")}
+    assert rows["32"][1:3] == ["81.63", "1"]  # one seed has no standard deviation (not ± 0.00)
+    assert rows["64"][1:3] == [f"{statistics.mean([84.26, 84.0]):.2f} ± {statistics.stdev([84.26, 84.0]):.2f}", "2"]
+
+
 def test_an_axis_with_two_swept_keys_has_a_line_and_a_statement_per_other_value(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "permutation"
     write_sweep(sweep_dir, {"false": [80.0, 81.0, 82.0], "true": [80.5, 81.5, 79.5]}, key="model.permute_inputs")
