@@ -1,7 +1,7 @@
 """Time to accuracy on Fashion-MNIST: whole processes, test top-1 against wall-clock time, each peer given a budget.
 
     python -m bench tta [--pairs 3] [--budget-minutes 20] [--out DIR] [--fast "experiment=fashion_mnist_fast"]
-                        [--data DIR] [--tiny]
+                        [--data DIR] [--first-epoch-points 10] [--tiny]
 
 The peers, on the same idx files and machine, one process at a time in interleaved rounds (a b c, a b c, ...):
 (a) the keras.io example's model trained by Keras 3 on the torch backend with the example's recipe
@@ -12,20 +12,29 @@ train.py overrides given by `--fast`. (a) and (b) run at the small size on 28x28
 
 How time and accuracy are measured, the same for every peer:
 - Every process starts cold and gets the budget. At the budget the bench sends SIGTERM (train.py saves a
-  checkpoint at the next step and exits; Keras ends at once); only epochs that ended within the budget count.
+  checkpoint at the next step and exits; Keras ends at once); only points saved within the budget count.
 - After every epoch the process saves its state (ours: the resumable checkpoint, all of them kept; Keras: the
-  weights and the epoch's validation loss). An epoch's time is that file's mtime minus the launch: the whole
-  process's wall clock, start-up included, to the end of the epoch's validation and save.
-- The model a user gets when stopping after epoch e is the one with the lowest validation loss so far (ours: the
-  checkpoint's best model, which fit loads at the end; Keras: the example's EarlyStopping(restore_best_weights)).
-  Its test top-1 is measured after the process has ended, so no peer pays for it: ours with the project's own
-  evaluation (as `python evaluate.py`), Keras with `model.evaluate` in a process of its own.
+  weights and the epoch's validation loss). The model a user gets when stopping after epoch e is the one with the
+  lowest validation loss so far (ours: the checkpoint's best model, which fit loads at the end; Keras: the
+  example's EarlyStopping(restore_best_weights)).
+- Inside the first epoch, where no validation has happened yet, the process also saves its current weights every
+  `--first-epoch-points`-th of its own epoch (steps per epoch // K steps, at least 1; none at the epoch's last step,
+  whose save is the epoch's end): ours a mid-epoch checkpoint (`trainer.checkpoint_every_n_steps`, the interval
+  computed by the bench from the composed config: the training images the validation split leaves over
+  trainer.batch_size; the setting stays on in later epochs, whose mid-epoch checkpoints are skipped, as is a stop
+  request's), Keras a weights file (its callback reads the steps of the epoch Keras runs). The model of such a
+  point is those current weights: what a user stopping there holds. `--first-epoch-points 0` saves none.
+- A point's time is its file's mtime minus the launch: the whole process's wall clock, start-up included, to the
+  save (at an epoch's end: after its validation). Every peer pays for its own saves.
+- Test top-1 of each point's model is measured after the process has ended, so no peer pays for it: ours with
+  the project's own evaluation (as `python evaluate.py`), Keras with `model.evaluate` in a process of its own.
 
-Written to --out: curves.jsonl (one line per peer and round: the commands, the epochs, the curve of (seconds,
-test top-1)), summary.md (per peer the time to reach given test accuracies and the test top-1 at fixed budgets,
-medians and ranges over rounds; (a)'s time to its best test top-1 over each peer's time to reach it; the commands),
-curves.png, and a log per process. The data is Debian's copy (`apt-get install dataset-fashion-mnist`) or
---data DIR; `--tiny` writes tiny idx files itself and runs a tiny model for 2 epochs (the tests run it).
+Written to --out: curves.jsonl (one line per peer and round: the commands, the points (`within_epoch` and `step`
+mark those inside the first epoch), the curve of (seconds, test top-1)), summary.md (per peer the time to reach
+given test accuracies and the test top-1 at fixed budgets, medians and ranges over rounds; (a)'s time to its best
+test top-1 over each peer's time to reach it, and whether that is 10x; the commands), curves.png, and a log per
+process. The data is Debian's copy (`apt-get install dataset-fashion-mnist`) or --data DIR; `--tiny` writes tiny
+idx files itself and runs a tiny model for 2 epochs (the tests run it).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import argparse
 import dataclasses
 import gzip
 import json
+import math
 import os
 import shlex
 import shutil
@@ -47,14 +57,15 @@ from pathlib import Path
 import numpy as np
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import perceiver.experiment.config  # noqa: F401 - registers the schemas conf/train.yaml names
 from bench.settings import SETTINGS
 from bench.tta_report import PEERS as PEER_LABELS
-from bench.tta_report import best_so_far, draw_curves, report
-from perceiver.data.mnist import SPLITS, file_stems, idx_file
+from bench.tta_report import best_so_far, draw_curves, first_epoch_interval, report
+from perceiver.data.dataset import split_indices
+from perceiver.data.mnist import SPLITS, file_stems, idx_file, read_idx
 from perceiver.experiment.evaluation import eval_device, evaluate_classifier, load_split
 from perceiver.inference import read_model_file
 from perceiver.inference.runs import classifier_from
@@ -69,6 +80,7 @@ KEEP_CHECKPOINTS = 100_000  # every epoch's checkpoint stays (trainer.keep_check
 STOP_GRACE_SECONDS = 120  # after SIGTERM, how long train.py may take to save and exit before it is killed
 EXAMPLE_EPOCHS = 50  # the example's num_epochs
 TINY_FAST = ("optimizer=adamw", "optimizer.lr=3e-3", "scheduler=none", "augmentation=none")
+FIRST_EPOCH_POINTS = 10  # saves of the current weights inside every peer's first epoch (--first-epoch-points)
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,7 @@ class Plan:
     epochs: int  # of (a) and (b); (c)'s recipe chooses its own
     budget_s: float
     fast: tuple[str, ...]  # (c)'s train.py overrides
+    first_epoch_points: int = FIRST_EPOCH_POINTS  # K: saves of the current weights inside the first epoch; 0 = none
 
 
 # ----------------------------------------------------------------------------- the data
@@ -136,7 +149,8 @@ def write_tiny_data(folder: Path, train: int = 320, test: int = 100, seed: int =
 
 def keras_command(plan: Plan, states: Path) -> list[str]:
     command = [sys.executable, "-m", "bench.keras_tta", "train", "--data", str(plan.data), "--states", str(states)]
-    return [*command, "--setting", plan.setting, "--epochs", str(plan.epochs)]
+    command += ["--setting", plan.setting, "--epochs", str(plan.epochs)]
+    return [*command, "--first-epoch-points", str(plan.first_epoch_points)]
 
 
 def example_recipe(plan: Plan) -> list[str]:
@@ -152,12 +166,13 @@ def our_overrides(plan: Plan, recipe: Sequence[str]) -> list[str]:
     return [*data, *recipe, *bookkeeping, f"paths.data_root={plan.work / 'data_root'}"]
 
 
-def peer_command(plan: Plan, peer: Peer, place: Path) -> list[str]:
-    """The process of `peer`, writing its epoch states into `place`."""
+def peer_command(plan: Plan, peer: Peer, place: Path, every: int | None = None) -> list[str]:
+    """The process of `peer`, writing its states into `place`; ours with a mid-epoch checkpoint `every` steps."""
     if peer.keras:
         return keras_command(plan, place)
     recipe = example_recipe(plan) if peer.key == "b" else plan.fast
-    return [sys.executable, "train.py", *our_overrides(plan, recipe), f"hydra.run.dir={place}"]
+    mid_epoch = [f"trainer.checkpoint_every_n_steps={every}"] if every else []
+    return [sys.executable, "train.py", *our_overrides(plan, recipe), *mid_epoch, f"hydra.run.dir={place}"]
 
 
 def environment(peer: Peer) -> dict[str, str]:
@@ -168,13 +183,14 @@ def shell_line(command: Sequence[str], peer: Peer) -> str:
     return ("KERAS_BACKEND=torch " if peer.keras else "") + shlex.join(command)
 
 
-def check_recipes(plan: Plan) -> None:
+def check_recipes(plan: Plan) -> dict[str, DictConfig]:
     """Compose (b)'s and (c)'s configs before any process runs: a missing preset or a bad override ends the bench
     here, not after the first peers' budgets."""
+    configs = {}
     for key, recipe in (("b", example_recipe(plan)), ("c", plan.fast)):
         try:
             with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-                compose("train", overrides=our_overrides(plan, recipe))
+                configs[key] = compose("train", overrides=our_overrides(plan, recipe))
         except (HydraException, OmegaConfBaseException) as error:
             flag = " (--fast)" if key == "c" else ""
             message = str(error).splitlines()[0]
@@ -182,6 +198,18 @@ def check_recipes(plan: Plan) -> None:
             raise SystemExit(
                 f"({key}){flag} does not compose with train.py: {message}; overrides: {overrides}"
             ) from None
+    return configs
+
+
+def our_step_interval(plan: Plan, config: DictConfig) -> int | None:
+    """Steps between (b)'s or (c)'s checkpoints inside the first epoch, from its composed config: the training
+    images its validation split leaves (data.val_fraction, data.train_size, seed) over trainer.batch_size, a last
+    partial batch counted (the loader's steps per epoch); None when --first-epoch-points is 0."""
+    if not plan.first_epoch_points:
+        return None
+    images = len(read_idx(idx_file(plan.data, f"{SPLITS['train']}-labels-idx1-ubyte"), dims=1))
+    train = config.data.get("train_size") or len(split_indices(images, config.data.val_fraction, config.seed)[0])
+    return first_epoch_interval(math.ceil(train / config.trainer.batch_size), plan.first_epoch_points)
 
 
 # ----------------------------------------------------------------------------- one process
@@ -216,58 +244,86 @@ def run_with_budget(command: Sequence[str], env: dict[str, str], log: Path, budg
 
 
 @dataclass(frozen=True)
-class EpochEnd:
-    epoch: int
-    seconds: float  # launch to the epoch's saved state (its file's mtime)
-    model: str  # the best-so-far model a user stopping here gets; epochs with the same one share it
+class Point:
+    """A saved model a user stopping then would hold: at an epoch's end, or (`step` set) inside the first epoch."""
+
+    epoch: int  # the epoch that ended, or 1 for a point inside the first epoch
+    seconds: float  # launch to the saved state (its file's mtime)
+    model: str  # the model a user stopping here gets; epochs with the same best-so-far model share it
+    step: int | None = None  # the step inside the first epoch; None at an epoch's end
+
+    @property
+    def within_epoch(self) -> bool:
+        return self.step is not None
 
 
-def our_epoch_ends(run_dir: Path, started: float) -> tuple[list[EpochEnd], dict[str, Path]]:
-    """The epoch-end checkpoints of one of our runs, and for each best-so-far model the first checkpoint holding it."""
-    ends, holders = [], {}
+def our_points(run_dir: Path, started: float, every: int | None = None) -> tuple[list[Point], dict[str, Path]]:
+    """The points of one of our runs in training order, and for each model the first checkpoint holding it: the
+    epoch-end checkpoints, and before the first epoch's end the mid-epoch ones saved `every` steps. Later
+    mid-epoch checkpoints hold the same best model as the epoch before, and a stop request's comes after the
+    budget: both skipped."""
+    points, holders = [], {}
     for path in sorted((run_dir / "checkpoints").glob("step-*.pt")):  # zero-padded steps: in training order
         state = TrainState.from_dict(read_checkpoint(path), path)
-        if state.next_batch:  # a stop request's mid-epoch checkpoint
+        seconds = path.stat().st_mtime - started
+        if not state.next_batch:
+            point = Point(state.epoch, seconds, f"best of epoch {state.best_epoch}")
+        elif state.next_epoch == 1 and every and state.global_step % every == 0:
+            point = Point(1, seconds, f"weights at step {state.global_step}", step=state.global_step)
+        else:
             continue
-        model = f"best of epoch {state.best_epoch}"
-        holders.setdefault(model, path)
-        ends.append(EpochEnd(state.epoch, path.stat().st_mtime - started, model))
-    return ends, holders
+        holders.setdefault(point.model, path)
+        points.append(point)
+    return points, holders
+
+
+def held_weights(state: TrainState) -> dict:
+    """The weights a user stopping at this checkpoint holds: inside the first epoch, before any validation, the
+    current ones; after it the best so far by validation loss (what fit loads at the end)."""
+    return state.model if state.next_epoch == 1 else state.best_model
 
 
 def our_test_top1(run_dir: Path, holders: dict[str, Path]) -> dict[str, float]:
-    """Test top-1 of each checkpoint's best model, through the run's model file (how to build and feed the model)
-    and `evaluate_classifier`, as `python evaluate.py run=DIR` measures the run's final model."""
+    """Test top-1 of the model each checkpoint holds, through the run's model file (how to build and feed the model)
+    and `evaluate_classifier`, as `python evaluate.py run=DIR` measures the run's final model. A run stopped before
+    its first epoch's end wrote no model file: its points cannot be tested (a warning; none)."""
     if not holders:
         return {}
-    card = read_model_file(run_dir / "best.pt")  # how to build and feed the model: the same for every epoch
+    if not (run_dir / "best.pt").exists():
+        print(f"    WARNING: {run_dir} ended no epoch, so it has no best.pt to build its models from: untested")
+        return {}
+    card = read_model_file(run_dir / "best.pt")  # how to build and feed the model: the same for every point
     config = card.config or {}
     device = eval_device(None, config)
     test = load_split(OmegaConf.create(config["data"]), "test", int(config.get("seed", 0)), card.classes or [])
     top1 = {}
     for model, path in holders.items():
         state = TrainState.from_dict(read_checkpoint(path), path)
-        best = dataclasses.replace(card, model=state.best_model, epoch=state.best_epoch)
-        classifier = classifier_from(best, path).to(device)
+        held = dataclasses.replace(card, model=held_weights(state), epoch=state.best_epoch)
+        classifier = classifier_from(held, path).to(device)
         top1[model] = evaluate_classifier(classifier, test, config)["top1"]
     return top1
 
 
-def keras_epoch_ends(states: Path, started: float) -> tuple[list[EpochEnd], dict[str, Path]]:
-    """The Keras peer's epoch files, and for each best-so-far model (lowest validation loss so far) its file."""
-    files = sorted(states.glob("epoch-*.npz"))
+def keras_points(states: Path, started: float) -> tuple[list[Point], dict[str, Path]]:
+    """The Keras peer's points in training order: its files inside the first epoch (`epoch-000-step-NNNNN.npz`,
+    the current weights), then its epoch files, each with the best-so-far model (lowest validation loss so far);
+    and for each model its file."""
+    inside = sorted(states.glob("epoch-000-step-*.npz"))
+    points = [Point(1, file.stat().st_mtime - started, file.name, int(file.stem.split("-")[-1])) for file in inside]
+    holders = {file.name: file for file in inside}
+    files = sorted(states.glob("epoch-[0-9][0-9][0-9].npz"))
     losses = []
     for file in files:
         with np.load(file) as saved:
             losses.append(float(saved["val_loss"]))
-    ends, holders = [], {}
     for file, best in zip(files, best_so_far(losses), strict=True):
         if best is None:
             continue
         model = files[best].name
         holders.setdefault(model, files[best])
-        ends.append(EpochEnd(int(file.stem.split("-")[1]), file.stat().st_mtime - started, model))
-    return ends, holders
+        points.append(Point(int(file.stem.split("-")[1]), file.stat().st_mtime - started, model))
+    return points, holders
 
 
 def keras_test_top1(plan: Plan, holders: dict[str, Path], log: Path) -> tuple[dict[str, float], list[str]]:
@@ -285,26 +341,31 @@ def keras_test_top1(plan: Plan, holders: dict[str, Path], log: Path) -> tuple[di
     return {model: by_file[str(path)] for model, path in holders.items()}, command
 
 
-def run_peer(plan: Plan, peer: Peer, round_: int) -> dict:
-    """One timed process of `peer`, then its epochs' test top-1 measured afterwards: one curves.jsonl row."""
+def run_peer(plan: Plan, peer: Peer, round_: int, every: int | None = None) -> dict:
+    """One timed process of `peer` (ours with a mid-epoch checkpoint `every` steps), then its points' test top-1
+    measured afterwards: one curves.jsonl row."""
     name = f"{peer.key}-round{round_}"
     place = plan.work / "runs" / name
     shutil.rmtree(place, ignore_errors=True)  # a rerun into the same --out starts afresh (no resume)
-    command = peer_command(plan, peer, place)
+    command = peer_command(plan, peer, place, every)
     print(f"({peer.key}) round {round_}: {shell_line(command, peer)}", flush=True)
     launch = run_with_budget(command, environment(peer), plan.work / "logs" / f"{name}.log", plan.budget_s)
     if launch.returncode != 0 and not launch.stopped:
         print(f"    WARNING: it ended with exit code {launch.returncode}; see {plan.work / 'logs' / name}.log")
     if peer.keras:
-        ends, holders = keras_epoch_ends(place, launch.started)
+        points, holders = keras_points(place, launch.started)
         top1, evaluation = keras_test_top1(plan, holders, plan.work / "logs" / f"{name}-evaluate.log")
     else:
-        ends, holders = our_epoch_ends(place, launch.started)
+        points, holders = our_points(place, launch.started, every)
         top1, evaluation = our_test_top1(place, holders), []
-    epochs = [dataclasses.asdict(end) | {"test_top1": top1[end.model]} for end in ends]
-    curve = [(end["seconds"], end["test_top1"]) for end in epochs if end["seconds"] <= plan.budget_s]
+    tested = [point for point in points if point.model in top1]
+    epochs = [dataclasses.asdict(p) | {"within_epoch": p.within_epoch, "test_top1": top1[p.model]} for p in tested]
+    kept = [point for point in epochs if point["seconds"] <= plan.budget_s]
+    curve = [(point["seconds"], point["test_top1"]) for point in kept]
+    inside = sum(point["within_epoch"] for point in kept)
     shown = ", ".join(f"{seconds:.0f} s {accuracy:.4f}" for seconds, accuracy in curve)
-    print(f"    {len(curve)} epochs within the budget ({launch.seconds:.0f} s in all): {shown}", flush=True)
+    print(f"    {inside} points inside the first epoch and {len(curve) - inside} epoch ends within the budget "
+          f"({launch.seconds:.0f} s in all): {shown}", flush=True)  # fmt: skip
     return {
         "peer": peer.key,
         "label": peer.label,
@@ -317,10 +378,25 @@ def run_peer(plan: Plan, peer: Peer, round_: int) -> dict:
         "returncode": launch.returncode,
         "epochs": epochs,
         "curve": curve,
+        "within_epoch_points": inside,  # the curve's first points, inside the first epoch (bench/tta_report.py)
     }
 
 
 # ----------------------------------------------------------------------------- the command line
+
+
+def points_count(text: str) -> int:
+    """--first-epoch-points: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number >= 0: give how many times each peer saves its weights inside its "
+            "first epoch, e.g. 10, or 0 for none"
+        )
+    return value
 
 
 def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
@@ -332,6 +408,13 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
     parser.add_argument("--data", type=Path, help=f"a folder holding Fashion-MNIST's idx files; default {DEBIAN_COPY}")
     parser.add_argument("--accuracies", type=float, nargs="+", default=ACCURACIES, help="test top-1 targets, 0-1")
     parser.add_argument("--at-minutes", type=float, nargs="+", help="fixed budgets; default 5 10 20, --tiny 0.5 1 2")
+    parser.add_argument(
+        "--first-epoch-points",
+        type=points_count,
+        default=FIRST_EPOCH_POINTS,
+        help=f"saves of the current weights inside each peer's first epoch, evenly in its steps; 0 = none; "
+        f"default {FIRST_EPOCH_POINTS}",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny idx files written here, a tiny model, 2 epochs")
     args = parser.parse_args(argv)
     work = args.out.resolve()
@@ -339,12 +422,13 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
         data = check_data(args.data) if args.data else write_tiny_data(work / "tiny-data")
         tiny = ("trainer.epochs=2", *SETTINGS["tiny"].train_overrides(), *TINY_FAST)
         fast = tuple(shlex.split(args.fast)) if args.fast else tiny
-        plan = Plan(data.resolve(), work, "tiny", 2, 60 * (args.budget_minutes or 2), fast)
+        plan = Plan(data.resolve(), work, "tiny", 2, 60 * (args.budget_minutes or 2), fast, args.first_epoch_points)
         args.pairs, args.at_minutes = args.pairs or 1, args.at_minutes or (0.5, 1, 2)
     else:
         data = check_data(args.data or DEBIAN_COPY)
         fast = tuple(shlex.split(args.fast or FAST))
-        plan = Plan(data.resolve(), work, "fashion_mnist", EXAMPLE_EPOCHS, 60 * (args.budget_minutes or 20), fast)
+        budget_s = 60 * (args.budget_minutes or 20)
+        plan = Plan(data.resolve(), work, "fashion_mnist", EXAMPLE_EPOCHS, budget_s, fast, args.first_epoch_points)
         args.pairs, args.at_minutes = args.pairs or 3, args.at_minutes or (5, 10, 20)
     return args, plan
 
@@ -359,14 +443,14 @@ def check_keras() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args, plan = parse(argv)
     check_keras()
-    check_recipes(plan)
+    every = {key: our_step_interval(plan, config) for key, config in check_recipes(plan).items()}
     plan.work.mkdir(parents=True, exist_ok=True)
     print(f"data: {plan.data}; budget {plan.budget_s:g} s per process; {args.pairs} round(s) of (a) (b) (c)")
     rows = []
     with open(plan.work / "curves.jsonl", "w") as curves:
         for round_ in range(1, args.pairs + 1):
             for peer in PEERS:
-                rows.append(run_peer(plan, peer, round_))
+                rows.append(run_peer(plan, peer, round_, every.get(peer.key)))
                 curves.write(json.dumps(rows[-1]) + "\n")
                 curves.flush()
     text = report(rows, plan.budget_s, args.at_minutes, args.accuracies)
