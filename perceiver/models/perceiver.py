@@ -256,6 +256,7 @@ class Perceiver(nn.Module):
         permute_inputs: bool = False,
         permutation_seed: int = 0,
         fold_attention_weights: bool = True,
+        conv_stem: int | None = None,
     ) -> None:
         super().__init__()
         key_dim = projection_dim if key_dim is None else key_dim
@@ -264,7 +265,14 @@ class Perceiver(nn.Module):
         check_arguments(**{name: value for name, value in locals().items() if name in ARGUMENTS})
         self.num_classes, self.latent_init_std = num_classes, latent_init_std
         self.encoder = PatchEncoder(
-            image_size, patch_size, in_channels, projection_dim, position_encoding, fourier_num_bands, fourier_max_freq
+            image_size,
+            patch_size,
+            in_channels,
+            projection_dim,
+            position_encoding,
+            fourier_num_bands,
+            fourier_max_freq,
+            conv_stem,
         )
         # The paper's Table 2: one fixed shuffle of the inputs *after* their position encoding is attached,
         # so each input keeps its own position; cross-attention ignores the order, so the logits don't change.
@@ -345,13 +353,13 @@ class Perceiver(nn.Module):
         return self.forward_head(self.forward_features(images))
 
     def forward_flops(self, batch_size: int) -> tuple[int, int]:
-        """(FLOPs of the forward pass of one batch, of which the image projection's): matrix products only, 2 per
-        multiply-add, as `torch.utils.flop_counter` counts them, of `forward` with the self-attention unfolded: the
-        model's FLOPs, the measure of MFU (the folded self-attention on the CPU computes the same with fewer). The
+        """(FLOPs of the forward pass of one batch, of which the first layer's: the image projection, or the conv
+        stem's first convolution): matrix products and convolutions, 2 per multiply-add, as
+        `torch.utils.flop_counter` counts them, of `forward` with the self-attention unfolded: the model's FLOPs, the measure of MFU (the folded self-attention on the CPU computes the same with fewer). The
         data's keys and values are computed once per cross-attention module."""
         m = self.encoder.num_patches
         n, d = self.latents.shape
-        projection = m * self.encoder.projection.in_features * d
+        encoder, first = self.encoder.multiply_adds()
         per_image = len(set(self.cross_index)) * m * d * 2 * d  # keys and values, once per module
         shared = 0
         for step, (c, t) in enumerate(zip(self.cross_index, self.latent_index, strict=True)):
@@ -368,13 +376,13 @@ class Perceiver(nn.Module):
                 per_image += n * d * qkv_width + 2 * n * n * inner + n * inner * d + 2 * n * d * hidden
         head_in, head_hidden = self.head[0].in_features, self.head[0].out_features
         per_image += head_in * head_hidden + head_hidden * self.head[2].out_features
-        return 2 * (batch_size * (per_image + projection) + shared), 2 * batch_size * projection
+        return 2 * (batch_size * (per_image + encoder) + shared), 2 * batch_size * first
 
     def training_flops(self, batch_size: int) -> int:
         """FLOPs of one training step on `batch_size` images: a product's backward pass costs two products
-        (input and weight gradients), except the image projection's, whose input needs no gradient."""
-        forward, projection = self.forward_flops(batch_size)
-        return 3 * forward - projection
+        (input and weight gradients), except the first layer's, whose input (the image) needs no gradient."""
+        forward, first = self.forward_flops(batch_size)
+        return 3 * forward - first
 
 
 ARGUMENTS = tuple(inspect.signature(Perceiver).parameters)  # what check_arguments is given
@@ -421,6 +429,19 @@ def check_arguments(**args: object) -> None:
     if not isinstance(std, int | float) or std <= 0:
         raise ValueError(f"latent_init_std={std!r} is invalid: it must be a positive number")
     check_permutation_arguments(args["permute_inputs"], args["permutation_seed"])
+    _check_conv_stem(args["conv_stem"], args["patch_size"])
+
+
+def _check_conv_stem(channels: object, patch_size: int) -> None:
+    if channels is None:
+        return
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"conv_stem={channels!r} is invalid: it must be a positive number of channels (or null)")
+    if patch_size % 2:
+        raise ValueError(
+            f"conv_stem={channels} needs an even patch_size (the stem halves the image's side): got patch_size="
+            f"{patch_size}; use an even patch_size or conv_stem=null"
+        )
 
 
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:

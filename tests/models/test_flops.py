@@ -19,6 +19,8 @@ VARIANTS = [
     {"num_iterations": 3, "weight_sharing": "all_but_first", "num_transformer_blocks": 1},
     {"weight_sharing": "none", "cross_attention_heads": 2, "ffn_units": 24, "classifier_units": 12},
     {"position_encoding": "fourier", "fourier_num_bands": 4, "patch_size": 2, "permute_inputs": True},
+    {"conv_stem": 6},
+    {"conv_stem": 4, "position_encoding": "fourier", "fourier_num_bands": 2},
 ]
 
 

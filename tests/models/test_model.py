@@ -100,6 +100,43 @@ def test_position_encodings_train(encoding: str) -> None:
     assert not missing, f"parameters without gradient: {missing}"
 
 
+def test_conv_stem_computes_two_convolutions_then_the_patches_of_their_half_size_map() -> None:
+    """The encoder with a stem against a plain re-computation from its weights (eval mode: batch norm uses its
+    running statistics, set here to non-trivial values)."""
+    torch.manual_seed(0)
+    model = Perceiver(**{**TINY, "patch_size": 4}, conv_stem=6).eval()
+    convs = [model.encoder.stem[0], model.encoder.stem[3]]
+    norms = [model.encoder.stem[1], model.encoder.stem[4]]
+    for norm in norms:
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.uniform_(-0.5, 0.5)
+    images = torch.randn(2, 3, 8, 8)
+    x = images
+    for conv, norm, stride in zip(convs, norms, (1, 2), strict=True):
+        x = F.conv2d(x, conv.weight, stride=stride, padding=1)
+        x = (x - norm.running_mean[:, None, None]) / (norm.running_var[:, None, None] + norm.eps).sqrt()
+        x = F.gelu(x * norm.weight[:, None, None] + norm.bias[:, None, None])
+    assert x.shape == (2, 6, 4, 4)  # half the image's side
+    patches = torch.stack([x[:, :, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2] for r in range(2) for c in range(2)], dim=1)
+    patches = patches.permute(0, 1, 3, 4, 2).reshape(2, 4, 24)  # each patch as (row, col, channel)
+    projection = model.encoder.projection
+    expected = patches @ projection.weight.T + projection.bias + model.encoder.position_embedding.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder(images), expected, atol=1e-5, rtol=1e-5)
+    assert model.encoder.num_patches == 4 and model.encoder.patch_size == 4  # the grid of 4x4-pixel patches
+
+
+def test_conv_stem_trains_every_weight() -> None:
+    model = Perceiver(**{**TINY, "patch_size": 4}, conv_stem=6, position_encoding="fourier", fourier_num_bands=2)
+    logits = model(torch.randn(4, 3, 8, 8))
+    assert logits.shape == (4, 5)
+    logits.square().sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"parameters without gradient: {missing}"
+
+
 def test_without_position_encoding_the_model_ignores_patch_order() -> None:
     torch.manual_seed(0)
     images = torch.randn(3, 3, 8, 8)
@@ -234,6 +271,8 @@ def test_latent_init_std_sets_the_scale_of_the_latents() -> None:
         (dict(position_encoding="sine"), ["position_encoding='sine'", "fourier"]),
         (dict(dropout_rate=1.5), ["dropout_rate=1.5", "[0, 1)"]),
         (dict(fourier_max_freq=0.5), ["fourier_max_freq=0.5"]),
+        (dict(conv_stem=0), ["conv_stem=0", "positive"]),
+        (dict(conv_stem=8, image_size=63, patch_size=3), ["conv_stem=8", "even patch_size", "patch_size=3"]),
     ],
 )
 def test_bad_arguments_raise_a_message_naming_the_field(override: dict, words: list[str]) -> None:
