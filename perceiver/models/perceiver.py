@@ -355,8 +355,9 @@ class Perceiver(nn.Module):
     def forward_flops(self, batch_size: int) -> tuple[int, int]:
         """(FLOPs of the forward pass of one batch, of which the first layer's: the image projection, or the conv
         stem's first convolution): matrix products and convolutions, 2 per multiply-add, as
-        `torch.utils.flop_counter` counts them, of `forward` with the self-attention unfolded: the model's FLOPs, the measure of MFU (the folded self-attention on the CPU computes the same with fewer). The
-        data's keys and values are computed once per cross-attention module."""
+        `torch.utils.flop_counter` counts them, of `forward` with the self-attention unfolded: the model's FLOPs,
+        the measure of MFU (the folded self-attention on the CPU computes the same with fewer). The data's keys and
+        values are computed once per cross-attention module."""
         m = self.encoder.num_patches
         n, d = self.latents.shape
         encoder, first = self.encoder.multiply_adds()
