@@ -264,16 +264,8 @@ class Perceiver(nn.Module):
         classifier_units = projection_dim if classifier_units is None else classifier_units
         check_arguments(**{name: value for name, value in locals().items() if name in ARGUMENTS})
         self.num_classes, self.latent_init_std = num_classes, latent_init_std
-        self.encoder = PatchEncoder(
-            image_size,
-            patch_size,
-            in_channels,
-            projection_dim,
-            position_encoding,
-            fourier_num_bands,
-            fourier_max_freq,
-            conv_stem,
-        )
+        encoding = (position_encoding, fourier_num_bands, fourier_max_freq, conv_stem)
+        self.encoder = PatchEncoder(image_size, patch_size, in_channels, projection_dim, *encoding)
         # The paper's Table 2: one fixed shuffle of the inputs *after* their position encoding is attached,
         # so each input keeps its own position; cross-attention ignores the order, so the logits don't change.
         self.permutation = FixedPermutation(self.encoder.num_patches, permutation_seed) if permute_inputs else None
@@ -353,11 +345,10 @@ class Perceiver(nn.Module):
         return self.forward_head(self.forward_features(images))
 
     def forward_flops(self, batch_size: int) -> tuple[int, int]:
-        """(FLOPs of the forward pass of one batch, of which the first layer's: the image projection, or the conv
-        stem's first convolution): matrix products and convolutions, 2 per multiply-add, as
-        `torch.utils.flop_counter` counts them, of `forward` with the self-attention unfolded: the model's FLOPs,
-        the measure of MFU (the folded self-attention on the CPU computes the same with fewer). The data's keys and
-        values are computed once per cross-attention module."""
+        """(FLOPs of the forward pass of one batch, of which the first layer's): matrix products and convolutions,
+        2 per multiply-add, as `torch.utils.flop_counter` counts them, of `forward` with the self-attention unfolded:
+        the model's FLOPs, the measure of MFU (the folded self-attention on the CPU computes the same with fewer).
+        The data's keys and values are computed once per cross-attention module."""
         m = self.encoder.num_patches
         n, d = self.latents.shape
         encoder, first = self.encoder.multiply_adds()
