@@ -7,7 +7,8 @@ that `startup` can time `import torch` itself).
 - `digits`: whole `train.py` processes on a real image folder against the Keras example (bench/digits.py);
 - `tta`: time to accuracy on Fashion-MNIST, whole processes against the Keras example (bench/tta.py);
 - `startup [train.py overrides]`: what a run spends before its first step (bench/startup.py);
-- `augment`: images/s of the augmentation pipelines (bench/pipeline.py).
+- `augment`: images/s of the augmentation pipelines (bench/pipeline.py);
+- `step VARIANT VARIANT ...`: training-step img/s of train.py override sets, interleaved (bench/step.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ COMMANDS = {
     "tta": "bench.tta",
     "startup": "bench.startup",
     "augment": "bench.pipeline",
+    "step": "bench.step",
 }
 
 

@@ -43,10 +43,7 @@ def perceiver_kwargs(setting: Setting) -> dict[str, int | float]:
 def make_torch_step(
     model: torch.nn.Module, setting: Setting, precision: str, compile_model: bool, seed: int = 0
 ) -> Callable[[], None]:
-    """The training step of perceiver.training.loop (autocast, fp32 loss, fused Adam as conf/optimizer/adam.yaml)."""
-    from perceiver.training.device import autocast
-    from perceiver.training.metrics import classification_loss
-
+    """The training step of perceiver.training.loop with fused Adam as conf/optimizer/adam.yaml."""
     device = device_for_bench()
     generator = torch.Generator().manual_seed(seed)
     size, batch = setting.image_size, setting.batch_size
@@ -54,7 +51,25 @@ def make_torch_step(
     labels = torch.randint(0, setting.num_classes, (batch,), generator=generator).to(device)
     model = model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7, fused=True)
-    forward = torch.compile(model) if compile_model else model
+    return fixed_batch_step(model, optimizer, images, labels, precision, compile_model)
+
+
+def fixed_batch_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    precision: str,
+    compile_model: bool,
+) -> Callable[[], None]:
+    """The training step of perceiver.training.loop on one batch, again and again: forward under autocast (the
+    model compiled as the loop compiles it), fp32 cross-entropy, backward, optimizer step."""
+    from perceiver.training.device import autocast
+    from perceiver.training.loop import training_and_evaluation_models
+    from perceiver.training.metrics import classification_loss
+
+    device = images.device
+    forward = training_and_evaluation_models(model, device, compile_model)[0]
 
     def step() -> None:
         with autocast(device, precision):
