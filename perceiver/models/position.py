@@ -68,7 +68,8 @@ class PatchEncoder(nn.Module):
 
     `learned`: a trainable embedding per patch index added after the projection (the Keras example).
     `fourier`: fixed Fourier features concatenated to each patch before the projection (the paper).
-    `none`: the projection alone; the model is then invariant to the order of the patches.
+    `none`: the projection alone; the model is then invariant to the order of the patches (without a stem, whose
+    convolutions see across the patches' borders).
     With `stem_channels`, a `ConvStem` runs first and the patches are cut from its half-size feature map: the same
     grid of M patches (patch_size stays in image pixels), each of (patch_size / 2)^2 x stem_channels features.
     """
