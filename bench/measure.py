@@ -223,5 +223,20 @@ def main() -> None:
     print(json.dumps(result))
 
 
+def at_least(lowest: int, hint: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number >= `lowest`, else an error that quotes the text (and `hint`, how to fix it)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = lowest - 1
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {lowest}{hint}")
+        return value
+
+    return parse
+
+
 if __name__ == "__main__":
     main()

@@ -35,7 +35,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bench.measure import fixed_batch_step, time_steps
+from bench.measure import at_least, fixed_batch_step, time_steps
 from perceiver.experiment.build import (
     build,
     check_num_classes,
@@ -179,19 +179,6 @@ def record(variants: Sequence[Variant], context: dict[str, object]) -> dict[str,
         for variant in variants
     ]
     return {**context, "variants": rows}
-
-
-def at_least(lowest: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = lowest - 1
-        if value < lowest:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {lowest}")
-        return value
-
-    return parse
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:

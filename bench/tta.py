@@ -61,6 +61,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import perceiver.experiment.config  # noqa: F401 - registers the schemas conf/train.yaml names
+from bench.measure import at_least
 from bench.settings import SETTINGS
 from bench.tta_report import PEERS as PEER_LABELS
 from bench.tta_report import best_so_far, draw_curves, first_epoch_interval, report
@@ -385,20 +386,6 @@ def run_peer(plan: Plan, peer: Peer, round_: int, every: int | None = None) -> d
 # ----------------------------------------------------------------------------- the command line
 
 
-def points_count(text: str) -> int:
-    """--first-epoch-points: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a whole number >= 0: give how many times each peer saves its weights inside its "
-            "first epoch, e.g. 10, or 0 for none"
-        )
-    return value
-
-
 def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
     parser = argparse.ArgumentParser(prog="python -m bench tta", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, help="interleaved rounds (a b c); default 3, --tiny 1")
@@ -410,7 +397,9 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
     parser.add_argument("--at-minutes", type=float, nargs="+", help="fixed budgets; default 5 10 20, --tiny 0.5 1 2")
     parser.add_argument(
         "--first-epoch-points",
-        type=points_count,
+        type=at_least(
+            0, ": give how many times each peer saves its weights inside its first epoch, e.g. 10, or 0 for none"
+        ),
         default=FIRST_EPOCH_POINTS,
         help=f"saves of the current weights inside each peer's first epoch, evenly in its steps; 0 = none; "
         f"default {FIRST_EPOCH_POINTS}",
