@@ -147,6 +147,7 @@ class BatchAugment(nn.Module):
         label_smoothing: float = 0.0,
         translate: int = 0,
         erase_prob: float = 0.0,
+        test_hflip: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= zoom < 1.0:
@@ -167,6 +168,7 @@ class BatchAugment(nn.Module):
         self.zoom = zoom
         self.translate = translate
         self.erase_prob = erase_prob
+        self.test_hflip = test_hflip  # read by evaluation: classify each image and its mirror (training unchanged)
         if randaugment_backend not in RANDAUGMENT_BACKENDS:
             raise ValueError(
                 f"augmentation.randaugment_backend={randaugment_backend!r} is invalid: "

@@ -162,16 +162,20 @@ def evaluate_classifier(
     batch_size: int | None = None,
     num_workers: int = 2,
     observe: Observations | None = None,
+    mirror: bool | None = None,
 ) -> dict[str, float]:
     """Loss, top-1 and top-5 of `classifier` on `dataset` as its training run evaluated its test split: the same
-    loader, preprocessing and `evaluate`, in the run's precision (fp16 only on CUDA) and batch size unless given."""
+    loader, preprocessing and `evaluate`, in the run's precision (fp16 only on CUDA), batch size and test-time
+    flip averaging (`augmentation.test_hflip`) unless given."""
     trainer = run_config.get("trainer", {})
+    mirror = bool((run_config.get("augmentation") or {}).get("test_hflip", False)) if mirror is None else mirror
     device = classifier.device
     precision = precision or trainer.get("precision", "fp32")
     precision = "fp32" if precision == "fp16" and device.type != "cuda" else precision
     batch_size = int(batch_size or trainer.get("batch_size", 64))
     loader = make_loader(dataset, batch_size, device, num_workers=num_workers)
-    return evaluate(classifier.model, classifier.preprocess, loader, device, precision, classifier.num_classes, observe)
+    model, preprocess, classes = classifier.model, classifier.preprocess, classifier.num_classes
+    return evaluate(model, preprocess, loader, device, precision, classes, observe, mirror)
 
 
 def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
@@ -189,6 +193,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         cfg.get("batch_size"),
         int(cfg.get("num_workers", 2)),
         observations,
+        cfg.get("test_hflip"),
     )
     title = f"{cfg.split} split, {observations.seen} images, top-1 {numbers['top1']:.4f}"
     files = write_evaluation_files(out_dir, observations, classifier.classes, title)

@@ -95,8 +95,16 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             result = fit(parts, *loaders[:2], settings, run_dir, setup.resume, tracker.log, record, callbacks)
         if shown is not None:
             shown.at_end(parts.model, result.global_step, result.best_epoch)
-        preprocess, test_loader = parts.augment.preprocess, loaders[2]
-        test = evaluate(parts.model, preprocess, test_loader, parts.device, settings.precision, parts.num_classes)
+        augment, test_loader = parts.augment, loaders[2]
+        test = evaluate(
+            parts.model,
+            augment.preprocess,
+            test_loader,
+            parts.device,
+            settings.precision,
+            parts.num_classes,
+            mirror=augment.test_hflip,
+        )
         metrics = finish(setup, parts, resolved, result, test, tracker)
         exit_code = 0
         return metrics

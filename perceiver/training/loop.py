@@ -392,6 +392,13 @@ def peak_flops(peak_tflops: Any) -> float | None:
     return peak_tflops * 1e12 if isinstance(peak_tflops, int | float) and not isinstance(peak_tflops, bool) else None
 
 
+def mirror_averaged(logits: torch.Tensor, mirrored_logits: torch.Tensor) -> torch.Tensor:
+    """Test-time flip averaging: the log of the mean of the two views' class probabilities, so that the loss is the
+    averaged prediction's cross-entropy and top-k ranks the averaged probabilities."""
+    views = torch.stack([logits.float().log_softmax(-1), mirrored_logits.float().log_softmax(-1)])
+    return torch.logsumexp(views, dim=0) - torch.log(torch.tensor(2.0, device=logits.device))
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -401,16 +408,19 @@ def evaluate(
     precision: str,
     num_classes: int,
     observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    mirror: bool = False,
 ) -> dict[str, float]:
     """Loss, top-1 and top-5 (fractions) over a whole loader, with a trained model's preprocessing. `observe(images,
-    labels, logits)` sees every batch (evaluate.py's confusion matrix and mistakes: the same numbers, one pass)."""
+    labels, logits)` sees every batch (evaluate.py's confusion matrix and mistakes: the same numbers, one pass).
+    `mirror`: classify each image and its left-right mirror (`mirror_averaged`)."""
     model.eval()
     metrics = RunningMetrics(device, num_classes)
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, precision):
-            logits = model(preprocess(images))
+            inputs = preprocess(images)
+            logits = mirror_averaged(model(inputs), model(inputs.flip(-1))) if mirror else model(inputs)
         metrics.update(classification_loss(logits, labels), logits, labels)
         if observe is not None:
             observe(images, labels, logits)
@@ -454,7 +464,10 @@ def validate(
     the same on every rank, as the weights it averages are."""
 
     def numbers(module: nn.Module) -> dict[str, float]:
-        return evaluate(module, parts.augment.preprocess, loader, parts.device, precision, parts.num_classes)
+        augment = parts.augment
+        return evaluate(
+            module, augment.preprocess, loader, parts.device, precision, parts.num_classes, mirror=augment.test_hflip
+        )
 
     return Validation(numbers(eval_model), numbers(ema.module) if ema is not None else None)
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from perceiver.data import SyntheticSource
-from perceiver.experiment.evaluation import evaluate_run
+from perceiver.experiment.evaluation import evaluate_run, load_split
 from perceiver.inference import load_run
 from tests.helpers import compose_config, isolated, offline_runs, run_script, write_image_folder
 from tests.helpers.wandb_files import read_records
@@ -150,6 +150,21 @@ def test_the_validation_split_scores_the_best_epochs_validation(run_dir: Path, t
     metrics = evaluate_run(cfg, tmp_path)
     assert metrics["num_images"] == 200
     assert metrics["top1"] == trained["best_val"]["top1"] and metrics["loss"] == trained["best_val"]["loss"]
+
+
+def test_test_hflip_averages_each_images_and_its_mirrors_probabilities(run_dir: Path, tmp_path: Path) -> None:
+    """`test_hflip=true` (or the run's `augmentation.test_hflip`): the numbers of the averaged probabilities of each
+    validation image and its mirror, re-computed here from the classifier's logits."""
+    cfg = compose_config("evaluate", f"run={run_dir}", "split=val", "logger=none", "test_hflip=true")
+    metrics = evaluate_run(cfg, tmp_path)
+    classifier = load_run(run_dir, "cpu")
+    run_config = compose_config("train", "experiment=cpu_smoke")
+    split = load_split(run_config.data, "val", run_config.seed, classifier.classes)
+    images = torch.stack([split[i][0] for i in range(len(split))])
+    labels = torch.tensor([int(split[i][1]) for i in range(len(split))])
+    probs = (classifier.logits(images).softmax(-1) + classifier.logits(images.flip(-1)).softmax(-1)) / 2
+    assert metrics["top1"] == pytest.approx((probs.argmax(-1) == labels).float().mean().item())
+    assert metrics["loss"] == pytest.approx(-probs[range(len(labels)), labels].log().mean().item(), rel=1e-4)
 
 
 def test_an_image_folder_with_the_models_classes_is_evaluated(run_dir: Path, tmp_path: Path) -> None:

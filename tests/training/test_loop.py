@@ -537,3 +537,56 @@ def test_epoch_end_callbacks_see_each_epoch_after_its_checkpoint_and_not_when_st
     with pytest.raises(TrainingInterrupted):
         small_fit(tmp_path / "run", RecordingTracker(on_log=stop_after_epoch_1), callbacks=[callback])
     assert seen == []  # stopping: the checkpoint is saved, nothing else is done
+
+
+def test_mirror_averaging_is_the_mean_of_the_two_views_probabilities() -> None:
+    """Against a plain re-computation: the probabilities of an image and of its mirror, averaged."""
+    logits, mirrored = torch.randn(6, 5), torch.randn(6, 5)
+    averaged = loop.mirror_averaged(logits, mirrored)
+    plain = (logits.softmax(-1) + mirrored.softmax(-1)) / 2
+    torch.testing.assert_close(averaged.exp(), plain)
+    labels = torch.randint(0, 5, (6,))
+    assert classification_loss(averaged, labels).item() == pytest.approx(-plain[range(6), labels].log().mean().item())
+
+
+def test_a_mirror_averaged_evaluation_scores_a_set_and_its_mirror_image_alike() -> None:
+    """Invariance: flipping every validation image left-right changes nothing with `mirror=True`; the numbers are
+    the averaged probabilities' (plain re-computation), and differ from the single view's."""
+    torch.manual_seed(0)
+    model = Perceiver(**TINY).eval()
+    augment = BatchAugment(image_size=8, num_classes=2)
+    augment.set_statistics([100.0] * 3, [60.0] * 3)
+    images, labels = (torch.cat(parts) for parts in zip(*tiny_problem()[1], strict=True))
+    images[:, :, :, :4] = 0  # the left half dark: the mirror is another image
+
+    def scores(batch: torch.Tensor, mirror: bool) -> dict[str, float]:
+        loader = [(batch[:16], labels[:16]), (batch[16:], labels[16:])]
+        return loop.evaluate(model, augment.preprocess, loader, torch.device("cpu"), "fp32", 2, mirror=mirror)
+
+    averaged = scores(images, True)
+    assert averaged == pytest.approx(scores(images.flip(-1), True))
+    assert scores(images, False)["loss"] != pytest.approx(averaged["loss"])
+    with torch.no_grad():
+        inputs = augment.preprocess(images)
+        probs = (model(inputs).softmax(-1) + model(inputs.flip(-1)).softmax(-1)) / 2
+    assert averaged["top1"] == pytest.approx((probs.argmax(-1) == labels).float().mean().item())
+    assert averaged["loss"] == pytest.approx(-probs[range(32), labels].log().mean().item(), rel=1e-5)
+
+
+def test_with_test_hflip_the_loop_validates_mirror_averaged(tmp_path: Path) -> None:
+    """`augmentation.test_hflip` reaches validation: each epoch's val numbers are the averaged views' of the
+    weights saved at that epoch's end."""
+    torch.manual_seed(0)
+    model = Perceiver(**TINY)
+    augment = BatchAugment(image_size=8, num_classes=2, test_hflip=True)
+    augment.set_statistics([100.0] * 3, [60.0] * 3)
+    train, val = tiny_problem()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    settings = TrainSettings(epochs=2, progress_bar=False, device="cpu", keep_checkpoints=10)
+    result = fit(TrainingParts(model, augment, optimizer, None, num_classes=2), train, val, settings, tmp_path)
+    for epoch, row in enumerate(result.history, start=1):
+        model.load_state_dict(read_checkpoint(tmp_path / "checkpoints" / f"step-{3 * epoch:08d}.pt")["model"])
+        expected = loop.evaluate(model, augment.preprocess, val, torch.device("cpu"), "fp32", 2, mirror=True)
+        assert row["val/loss"] == pytest.approx(expected["loss"], rel=1e-6)
+        single = loop.evaluate(model, augment.preprocess, val, torch.device("cpu"), "fp32", 2)
+        assert row["val/loss"] != pytest.approx(single["loss"], rel=1e-6)
