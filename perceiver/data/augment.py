@@ -168,7 +168,7 @@ class BatchAugment(nn.Module):
         self.zoom = zoom
         self.translate = translate
         self.erase_prob = erase_prob
-        self.test_hflip = test_hflip  # read by evaluation: classify each image and its mirror (training unchanged)
+        self.test_hflip = test_hflip  # the test evaluation classifies each image and its mirror (validation does not)
         if randaugment_backend not in RANDAUGMENT_BACKENDS:
             raise ValueError(
                 f"augmentation.randaugment_backend={randaugment_backend!r} is invalid: "

@@ -464,10 +464,7 @@ def validate(
     the same on every rank, as the weights it averages are."""
 
     def numbers(module: nn.Module) -> dict[str, float]:
-        augment = parts.augment
-        return evaluate(
-            module, augment.preprocess, loader, parts.device, precision, parts.num_classes, mirror=augment.test_hflip
-        )
+        return evaluate(module, parts.augment.preprocess, loader, parts.device, precision, parts.num_classes)
 
     return Validation(numbers(eval_model), numbers(ema.module) if ema is not None else None)
 

@@ -167,6 +167,25 @@ def test_test_hflip_averages_each_images_and_its_mirrors_probabilities(run_dir: 
     assert metrics["loss"] == pytest.approx(-probs[range(len(labels)), labels].log().mean().item(), rel=1e-4)
 
 
+def test_a_run_with_test_hflip_tests_mirror_averaged_and_validates_one_view(tmp_path: Path) -> None:
+    """`augmentation.test_hflip=true`: training's test numbers are evaluate.py's with the run's flip averaging,
+    not the single view's; its best validation is the single view's (evaluate.py test_hflip=false split=val)."""
+    run = tmp_path / "run"
+    with isolated(tmp_path):
+        overrides = ["experiment=cpu_smoke", "trainer.epochs=1", "augmentation.test_hflip=true", "logger=none"]
+        result = run_script("train.py", *overrides, f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads((run / "metrics.json").read_text())
+
+    def evaluated(*overrides: str) -> dict:
+        return evaluate_run(compose_config("evaluate", f"run={run}", "logger=none", *overrides), tmp_path / "eval")
+
+    assert evaluated()["test"] == trained["test"]
+    assert evaluated("test_hflip=false")["loss"] != pytest.approx(trained["test"]["loss"])
+    single_view_val = evaluated("split=val", "test_hflip=false")
+    assert {k: single_view_val[k] for k in ("loss", "top1")} == {k: trained["best_val"][k] for k in ("loss", "top1")}
+
+
 def test_an_image_folder_with_the_models_classes_is_evaluated(run_dir: Path, tmp_path: Path) -> None:
     folder = write_image_folder(tmp_path / "images", [f"class_{i}" for i in range(10)], 2, (40, 24))
     overrides = ["data=imagefolder", f"data.source.path={folder}", "split=all", "logger=none"]

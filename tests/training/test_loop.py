@@ -571,22 +571,3 @@ def test_a_mirror_averaged_evaluation_scores_a_set_and_its_mirror_image_alike() 
         probs = (model(inputs).softmax(-1) + model(inputs.flip(-1)).softmax(-1)) / 2
     assert averaged["top1"] == pytest.approx((probs.argmax(-1) == labels).float().mean().item())
     assert averaged["loss"] == pytest.approx(-probs[range(32), labels].log().mean().item(), rel=1e-5)
-
-
-def test_with_test_hflip_the_loop_validates_mirror_averaged(tmp_path: Path) -> None:
-    """`augmentation.test_hflip` reaches validation: each epoch's val numbers are the averaged views' of the
-    weights saved at that epoch's end."""
-    torch.manual_seed(0)
-    model = Perceiver(**TINY)
-    augment = BatchAugment(image_size=8, num_classes=2, test_hflip=True)
-    augment.set_statistics([100.0] * 3, [60.0] * 3)
-    train, val = tiny_problem()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    settings = TrainSettings(epochs=2, progress_bar=False, device="cpu", keep_checkpoints=10)
-    result = fit(TrainingParts(model, augment, optimizer, None, num_classes=2), train, val, settings, tmp_path)
-    for epoch, row in enumerate(result.history, start=1):
-        model.load_state_dict(read_checkpoint(tmp_path / "checkpoints" / f"step-{3 * epoch:08d}.pt")["model"])
-        expected = loop.evaluate(model, augment.preprocess, val, torch.device("cpu"), "fp32", 2, mirror=True)
-        assert row["val/loss"] == pytest.approx(expected["loss"], rel=1e-6)
-        single = loop.evaluate(model, augment.preprocess, val, torch.device("cpu"), "fp32", 2)
-        assert row["val/loss"] != pytest.approx(single["loss"], rel=1e-6)
