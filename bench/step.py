@@ -30,11 +30,9 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from bench.compose import compose_train
 from bench.measure import at_least, fixed_batch_step, time_steps
 from perceiver.experiment.build import (
     build,
@@ -43,12 +41,11 @@ from perceiver.experiment.build import (
     model_fields,
     seed_everything,
 )
-from perceiver.experiment.config import ConfigError, check_run_settings, composition_message, train_settings
+from perceiver.experiment.config import ConfigError, check_run_settings, train_settings
 from perceiver.training.device import configure_determinism, keep_freed_memory
 from perceiver.training.metrics import training_flops
 from perceiver.training.settings import TrainSettings
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 PROCESS_WIDE = ("keep_freed_memory", "deterministic")  # trainer settings of the whole process: variants must agree
 
 
@@ -68,12 +65,7 @@ class Variant:
 
 def compose_variant(overrides: str) -> DictConfig:
     """conf/train.yaml with the variant's overrides, as `python train.py OVERRIDES` composes it."""
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("train", overrides=shlex.split(overrides))
-    except (HydraException, OmegaConfBaseException, ValueError) as error:
-        message = composition_message(error)
-        raise SystemExit(f"variant {overrides!r} does not compose with train.py: {message}") from None
+    return compose_train(shlex.split(overrides), f"variant {overrides!r}")
 
 
 def build_variant(overrides: str, cfg: DictConfig) -> Variant:

@@ -55,12 +55,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 import perceiver.experiment.config  # noqa: F401 - registers the schemas conf/train.yaml names
+from bench.compose import compose_train
 from bench.measure import at_least
 from bench.settings import SETTINGS
 from bench.tta_report import PEERS as PEER_LABELS
@@ -187,19 +185,8 @@ def shell_line(command: Sequence[str], peer: Peer) -> str:
 def check_recipes(plan: Plan) -> dict[str, DictConfig]:
     """Compose (b)'s and (c)'s configs before any process runs: a missing preset or a bad override ends the bench
     here, not after the first peers' budgets."""
-    configs = {}
-    for key, recipe in (("b", example_recipe(plan)), ("c", plan.fast)):
-        try:
-            with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-                configs[key] = compose("train", overrides=our_overrides(plan, recipe))
-        except (HydraException, OmegaConfBaseException) as error:
-            flag = " (--fast)" if key == "c" else ""
-            message = str(error).splitlines()[0]
-            overrides = shlex.join(recipe)
-            raise SystemExit(
-                f"({key}){flag} does not compose with train.py: {message}; overrides: {overrides}"
-            ) from None
-    return configs
+    recipes = {"b": ("(b)", example_recipe(plan)), "c": ("(c) (--fast)", plan.fast)}
+    return {key: compose_train(our_overrides(plan, recipe), what) for key, (what, recipe) in recipes.items()}
 
 
 def our_step_interval(plan: Plan, config: DictConfig) -> int | None:
